@@ -1,0 +1,1 @@
+"""LoRA adapters: format, validation, registry and slot pool (arrives with the multi-LoRA issue)."""

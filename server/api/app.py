@@ -1,0 +1,82 @@
+"""The FastAPI application: both APIs' routes, the error handlers, and the operational endpoints."""
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from server.api import lorax_routes, openai_routes
+from server.api.common_schema import MAX_STOP_SEQUENCES
+from server.api.errors import install_error_handlers
+from server.api.generation import engine_of
+from server.config import ServerConfig
+from server.engine.async_engine import AsyncEngine
+from server.metrics import Metrics
+
+router = APIRouter()
+
+
+def package_version() -> str:
+    try:
+        return version("loraserve")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+@router.get("/health")
+async def health(engine: AsyncEngine = Depends(engine_of)) -> JSONResponse:
+    """200 while the engine loop runs; 503 once it died, so an orchestrator restarts the server."""
+    if engine.healthy:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "engine dead"}, status_code=503)
+
+
+@router.get("/info")
+async def info(request: Request, engine: AsyncEngine = Depends(engine_of)) -> dict:
+    """What LoRAX's /info reports, for clients and dashboards that read it."""
+    config: ServerConfig = request.app.state.config
+    stats = engine.stats()
+    return {
+        "model_id": engine.model_name, "model_sha": None, "model_dtype": engine.dtype,
+        "model_device_type": engine.device, "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": config.max_num_seqs + config.max_queue, "max_best_of": 1,
+        "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_length": engine.max_model_len - 1,
+        "max_total_tokens": engine.max_model_len,
+        "max_batch_total_tokens": stats.num_total_blocks * config.block_size,
+        "max_batch_prefill_tokens": config.max_num_batched_tokens, "block_size": config.block_size,
+        "version": package_version(), "sha": None, "docker_label": None,
+    }
+
+
+@router.get("/metrics")
+async def metrics_text(request: Request, engine: AsyncEngine = Depends(engine_of)) -> Response:
+    """Prometheus text; the scheduler gauges are refreshed here so an idle server still reads true."""
+    metrics: Metrics = request.app.state.metrics
+    stats = engine.stats()
+    metrics.running.set(stats.num_running)
+    metrics.waiting.set(stats.num_waiting)
+    metrics.kv_cache_usage.set(1.0 - stats.num_free_blocks / stats.num_total_blocks)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+def create_app(engine: AsyncEngine, metrics: Metrics, config: ServerConfig) -> FastAPI:
+    """The app around a built engine; the engine loop runs while the app serves."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="loraserve", version=package_version(), lifespan=lifespan)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.config = config
+    install_error_handlers(app, metrics)
+    for routes in (router, openai_routes.router, lorax_routes.router):
+        app.include_router(routes)
+    return app

@@ -1,0 +1,127 @@
+"""The one place where a failure becomes an HTTP status and a JSON body.
+
+OpenAI routes (under /v1/) answer `{"error": {"message", "type", "param", "code"}}`; LoRAX routes answer
+`{"error": message, "error_type": type}`, the shape `lorax-client` turns back into its own exceptions.
+"""
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError as SchemaValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from server.engine.errors import EngineDeadError, QueueFullError, RequestValidationError
+from server.metrics import Metrics
+from server.model.errors import ChatTemplateError
+
+class InvalidRequestError(Exception):
+    """The request is well-formed JSON but asks for something this server refuses."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFoundError(Exception):
+    """The request names a model or adapter this server does not serve."""
+
+    def __init__(self, name: str, param: str) -> None:
+        super().__init__(f"no model or adapter named {name!r} is served here")
+        self.param = param
+
+
+class GenerationAbortedError(Exception):
+    """The engine ended a request on its own before it finished."""
+
+
+class ClientDisconnectedError(Exception):
+    """The client went away before its answer was ready; nobody reads the response."""
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """How one family of failures looks to each API, and the reason label when it refuses a request."""
+
+    openai_status: int
+    openai_type: str
+    lorax_status: int
+    lorax_type: str
+    reason: str | None  # label of `requests_rejected`; None when the failure is no refusal
+
+
+INVALID = ErrorKind(400, "invalid_request_error", 422, "validation", "invalid_request")
+UNEXPECTED = ErrorKind(500, "internal_error", 500, "generation", None)
+KINDS: dict[type[Exception], ErrorKind] = {
+    SchemaValidationError: INVALID,
+    InvalidRequestError: INVALID,
+    RequestValidationError: INVALID,
+    ChatTemplateError: INVALID,
+    ModelNotFoundError: ErrorKind(404, "invalid_request_error", 404, "not_found", "model_not_found"),
+    QueueFullError: ErrorKind(429, "rate_limit_error", 429, "overloaded", "queue_full"),
+    EngineDeadError: ErrorKind(503, "service_unavailable", 424, "generation", "engine_dead"),
+    GenerationAbortedError: ErrorKind(500, "internal_error", 424, "generation", None),
+    ClientDisconnectedError: ErrorKind(499, "client_disconnected", 499, "client_disconnected", None),
+}
+
+
+def kind_of(error: Exception) -> ErrorKind:
+    if isinstance(error, HTTPException):  # unknown paths and methods
+        return ErrorKind(error.status_code, "invalid_request_error", error.status_code, "validation", None)
+    for cls in type(error).__mro__:
+        if cls in KINDS:
+            return KINDS[cls]
+    return UNEXPECTED
+
+
+def is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def field_path(location: tuple) -> str:
+    return ".".join(str(part) for part in location if part != "body")
+
+
+def describe_schema_error(error: SchemaValidationError) -> tuple[str, str | None]:
+    """A short message and the offending parameter, from pydantic's (or the JSON parser's) error list."""
+    details = error.errors()
+    if details[0]["type"] == "json_invalid":
+        return f"the body is not valid JSON: {details[0].get('ctx', {}).get('error', '')}", None
+    message = "; ".join(f"{field_path(detail['loc']) or 'body'}: {detail['msg']}" for detail in details[:3])
+    return message, field_path(details[0]["loc"][:2]) or None  # the top-level field
+
+
+def message_and_param(error: Exception) -> tuple[str, str | None]:
+    if isinstance(error, SchemaValidationError):
+        return describe_schema_error(error)
+    if isinstance(error, HTTPException):
+        return str(error.detail), None
+    if kind_of(error) is UNEXPECTED:
+        return "internal server error", None
+    return str(error), getattr(error, "param", None)
+
+
+def error_body(error: Exception, openai: bool) -> dict:
+    """The JSON body of a failure, in the shape of the API that was called (also used inside streams)."""
+    kind = kind_of(error)
+    message, param = message_and_param(error)
+    if openai:
+        return {"error": {"message": message, "type": kind.openai_type, "param": param, "code": kind.reason}}
+    return {"error": message, "error_type": kind.lorax_type}
+
+
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Route every failure, expected or not, through `error_body`; count refusals by reason.
+
+    Starlette re-raises unexpected exceptions after answering, so the server log still shows their traceback.
+    """
+
+    async def handle(request: Request, error: Exception) -> JSONResponse:
+        kind = kind_of(error)
+        if kind.reason is not None:
+            metrics.requests_rejected.labels(reason=kind.reason).inc()
+        openai = is_openai(request)
+        status = kind.openai_status if openai else kind.lorax_status
+        return JSONResponse(error_body(error, openai), status_code=status)
+
+    for cls in (*KINDS, HTTPException, Exception):
+        app.add_exception_handler(cls, handle)

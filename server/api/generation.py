@@ -1,0 +1,136 @@
+"""What both APIs do with the engine: submit the requests behind one HTTP request, gather or merge their
+outputs, and abort whatever still runs once the HTTP request is over (finished, failed or abandoned)."""
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from fastapi import Request
+
+from server.api.errors import ClientDisconnectedError, GenerationAbortedError, ModelNotFoundError
+from server.engine.async_engine import AsyncEngine, RequestStream
+from server.engine.outputs import RequestOutput, TokenLogprob
+from server.engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+LOGPROB_FLOOR = -9999.0  # stands for -inf, which JSON cannot carry
+
+
+def engine_of(request: Request) -> AsyncEngine:
+    """FastAPI dependency: the engine this app serves."""
+    return request.app.state.engine
+
+
+def check_model(engine: AsyncEngine, name: str | None, param: str) -> None:
+    """Empty or the served name means the base model; adapters come later, so anything else is unknown."""
+    if name and name != engine.model_name:
+        raise ModelNotFoundError(name, param)
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+@dataclass
+class Generation:
+    """Everything one engine request produced, gathered from its outputs."""
+
+    num_prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        self.token_ids += output.token_ids
+        self.text += output.text
+        self.logprobs += output.logprobs
+        self.finish_reason = output.finish_reason
+        self.stop_reason = output.stop_reason
+
+
+class Submission:
+    """The engine requests behind one HTTP request; leaving its `with` block aborts those still running."""
+
+    def __init__(self, streams: list[RequestStream]) -> None:
+        self.streams = streams
+
+    def __enter__(self) -> "Submission":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        for stream in self.streams:
+            stream.abort()  # a no-op for finished requests
+
+    @property
+    def num_prompt_tokens(self) -> list[int]:
+        return [stream.num_prompt_tokens for stream in self.streams]
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every request's outputs as they arrive, each with the index of its request."""
+        pending = {asyncio.ensure_future(anext(stream)): index for index, stream in enumerate(self.streams)}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    index = pending.pop(task)
+                    output = task.result()
+                    if output.finish_reason == "abort":
+                        raise GenerationAbortedError("the engine aborted the request")
+                    if not output.finished:
+                        pending[asyncio.ensure_future(anext(self.streams[index]))] = index
+                    yield index, output
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def collect(self) -> list[Generation]:
+        """Wait for every request to finish; return what each produced, in submission order."""
+        generations = [Generation(count) for count in self.num_prompt_tokens]
+        async with aclosing(self.outputs()) as outputs:
+            async for index, output in outputs:
+                generations[index].add(output)
+        return generations
+
+
+def submit(engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams],
+           request_id: str) -> Submission:
+    """Submit one engine request per prompt; if any is refused, abort those already in and re-raise."""
+    streams: list[RequestStream] = []
+    try:
+        for index, (prompt, request_params) in enumerate(zip(prompts, params, strict=True)):
+            streams.append(engine.submit(prompt, request_params, f"{request_id}-{index}"))
+    except BaseException:
+        Submission(streams).abort()
+        raise
+    return Submission(streams)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return once the client closes its connection (the body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but cancel it and raise ClientDisconnectedError if the client leaves first."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        if work_task in done:
+            return work_task.result()
+        raise ClientDisconnectedError("the client closed the connection")
+    finally:
+        watch_task.cancel()
+        work_task.cancel()  # a no-op once it is done

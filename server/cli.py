@@ -1,0 +1,116 @@
+"""The `loraserve` command: `loraserve serve` loads the model and serves HTTP until interrupted.
+
+Each `ServerConfig` field is a flag of the same name (underscores become dashes), so a new field only needs its
+help text here.
+"""
+import argparse
+import asyncio
+import dataclasses
+import logging
+import re
+import typing
+from collections.abc import Callable
+
+import uvicorn
+
+from server.config import ServerConfig
+
+HELP = {
+    "model": "'embedded' (the bundled SmolLM2-135M-Instruct), a Hugging Face model directory, or a .gguf file",
+    "served_model_name": "the model name clients send and see (default: the model's own name)",
+    "host": "address to listen on",
+    "port": "port to listen on (0 picks a free one; the ready line tells which)",
+    "device": "where the model runs; auto picks cuda when available",
+    "dtype": "weight and KV-cache precision; auto is float32 on CPU, bfloat16 on CUDA",
+    "block_size": "tokens per KV-cache block",
+    "num_kv_blocks": "KV-cache blocks to allocate; overrides --kv-cache-memory",
+    "kv_cache_memory": "memory for the KV cache: bytes, or a size such as 512MiB or 2GiB",
+    "max_model_len": "longest prompt plus output, in tokens (default: the model's context, capped by the cache)",
+    "max_num_batched_tokens": "token budget of one engine step (prefill chunks and decodes together)",
+    "max_num_seqs": "requests running at once",
+    "max_queue": "requests allowed to wait; beyond that new ones get HTTP 429",
+    "seed": "seeds the sampling of requests that bring no seed of their own",
+}
+CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16")}
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
+              "t": 2**40, "tib": 2**40}
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def parse_size(text: str) -> int:
+    """A byte count from '1073741824', '512MiB', '2GiB' or '1.5g' (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB, 2GiB or a number of bytes)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+PARSERS: dict[str, Callable[[str], object]] = {"kv_cache_memory": parse_size}
+
+
+def flag_type(field: dataclasses.Field) -> Callable[[str], object]:
+    """The parser of a config field's flag: its own if it has one, else its type without `| None`."""
+    if field.name in PARSERS:
+        return PARSERS[field.name]
+    types = [kind for kind in typing.get_args(field.type) if kind is not type(None)]
+    return types[0] if types else field.type
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraserve", description="Serve a Llama-family model (and, later, many LoRA adapters) over "
+        "OpenAI-compatible (/v1/completions, /v1/chat/completions) and LoRAX-compatible (/generate) HTTP APIs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_parser = commands.add_parser(
+        "serve", help="load the model and serve HTTP until interrupted",
+        description="Load the model, then serve HTTP; prints 'loraserve ready: http://HOST:PORT' once it accepts "
+        "connections.")
+    for field in dataclasses.fields(ServerConfig):
+        shown_default = "" if field.default is None else " (default: %(default)s)"
+        serve_parser.add_argument("--" + field.name.replace("_", "-"), type=flag_type(field), default=field.default,
+                                  choices=CHOICES.get(field.name), help=HELP[field.name] + shown_default)
+    serve_parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                              help="logging verbosity (default: %(default)s)")
+    serve_parser.set_defaults(run=serve)
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServerConfig)})
+
+
+async def serve_until_stopped(server: uvicorn.Server, host: str) -> None:
+    """Run uvicorn; announce the address on stdout once it accepts connections."""
+    serving = asyncio.create_task(server.serve())
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        print(f"loraserve ready: http://{host}:{port}", flush=True)
+    await serving
+
+
+def serve(args: argparse.Namespace) -> None:
+    # Imported here so `loraserve --help` answers without loading torch.
+    from server.api.app import create_app
+    from server.engine.async_engine import AsyncEngine
+    from server.metrics import Metrics
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from(args)
+    metrics = Metrics()
+    engine = AsyncEngine.from_config(config, metrics)
+    app = create_app(engine, metrics, config)
+    # log_config=None: uvicorn logs through the root logger to stderr; stdout carries only the ready line.
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
+                                           log_config=None))
+    asyncio.run(serve_until_stopped(server, config.host))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The one typed configuration object, made once at start-up from CLI flags and passed down."""
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerConfig:
+    """Everything the server needs to know to start; each field is a `loraserve serve` flag."""
+
+    model: str = "embedded"  # "embedded", a Hugging Face directory, or a .gguf file
+    served_model_name: str | None = None  # the name clients use; defaults to the model's own name
+    host: str = "127.0.0.1"
+    port: int = 8080
+    device: str = "auto"  # auto, cpu or cuda
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA), float32, float16 or bfloat16
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
+    kv_cache_memory: int = 1 << 30  # bytes for the paged KV cache
+    max_model_len: int | None = None  # defaults to the model's context length
+    max_num_batched_tokens: int = 512  # token budget of one engine step
+    max_num_seqs: int = 64  # requests running at once
+    max_queue: int = 256  # requests waiting before new ones get 429
+    seed: int = 0  # seeds sampling of requests that bring no seed

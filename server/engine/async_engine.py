@@ -1,0 +1,175 @@
+"""Drives the engine from asyncio: requests arrive and leave while a background task steps the model.
+
+Only the background task touches the engine's scheduler state; `submit` and `abort` queue their changes and
+the task applies them between steps. Each step runs in a worker thread, so the event loop keeps serving HTTP.
+"""
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from server.config import ServerConfig
+from server.engine.engine import LLMEngine
+from server.engine.errors import EngineDeadError, QueueFullError
+from server.engine.outputs import RequestOutput
+from server.engine.sampling_params import SamplingParams
+from server.metrics import Metrics
+from server.model.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator; the last one has `finished` set."""
+
+    def __init__(self, request_id: str, num_prompt_tokens: int, on_abort: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.finished = False
+        self._queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self._on_abort = on_abort
+
+    def put(self, item: RequestOutput | Exception) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def abort(self) -> None:
+        """Stop the request if it still runs (the client left); safe to call more than once."""
+        if not self.finished:
+            self.finished = True
+            self._on_abort(self.request_id)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class AsyncEngine:
+    """The engine as the HTTP layer sees it: submit a request, iterate its outputs, abort it."""
+
+    def __init__(self, engine: LLMEngine, model_name: str, max_queue: int) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.max_model_len = engine.max_model_len
+        self.device = str(engine.runner.device)
+        self.dtype = str(engine.runner.dtype).removeprefix("torch.")
+        self.max_queue = max_queue
+        self.healthy = True
+        self._streams: dict[str, RequestStream] = {}
+        self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._pending_aborts: list[str] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @classmethod
+    def from_config(cls, config: ServerConfig, metrics: Metrics) -> "AsyncEngine":
+        device = resolve_device(config.device)
+        loaded = load_model(config.model, device, resolve_dtype(config.dtype, device))
+        engine = LLMEngine(loaded, config, metrics)
+        return cls(engine, config.served_model_name or loaded.name, config.max_queue)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="loraserve-engine")
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_all(EngineDeadError("the server is shutting down"))
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams,
+               request_id: str | None = None) -> RequestStream:
+        """Queue a request; raises RequestValidationError, QueueFullError or EngineDeadError at once."""
+        if not self.healthy:
+            raise EngineDeadError("the engine stopped after an internal error")
+        self.engine.validate(prompt_token_ids, params)
+        if len(self.engine.scheduler.waiting) + len(self._pending_adds) >= self.max_queue:
+            raise QueueFullError(f"{self.max_queue} requests are already waiting; try again later")
+        request_id = request_id or uuid.uuid4().hex
+        stream = RequestStream(request_id, len(prompt_token_ids), self._abort)
+        self._streams[request_id] = stream
+        self._pending_adds.append((request_id, list(prompt_token_ids), params))
+        self._wakeup.set()
+        return stream
+
+    def stats(self) -> EngineStats:
+        block_manager = self.engine.block_manager
+        return EngineStats(len(self.engine.scheduler.running),
+                           len(self.engine.scheduler.waiting) + len(self._pending_adds),
+                           block_manager.num_free_blocks, block_manager.num_blocks)
+
+    def _abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self._pending_aborts.append(request_id)
+            self._wakeup.set()
+
+    def _apply_pending(self) -> None:
+        adds, self._pending_adds = self._pending_adds, []
+        for request_id, prompt, params in adds:
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except Exception as error:  # reported to its own request, never to the loop
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    stream.put(error)
+        aborts, self._pending_aborts = self._pending_aborts, []
+        for request_id in aborts:
+            self.engine.abort_request(request_id)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._apply_pending()
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = await asyncio.to_thread(self.engine.step)
+            except Exception as error:
+                logger.exception("engine step failed; the engine stops")
+                self.healthy = False
+                self._fail_all(EngineDeadError(f"the engine failed: {error}"))
+                return
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    stream.put(output)
+                if output.finished:
+                    self._streams.pop(output.request_id, None)
+
+    def _fail_all(self, error: Exception) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(error)

@@ -1,0 +1,74 @@
+"""Turns a scheduled batch into flat tensors, runs the model over the paged KV cache, returns logits."""
+import torch
+
+from kernels.attention import AttentionMetadata
+from server.engine.scheduler import ScheduledBatch
+from server.model.config import ModelConfig
+from server.model.llama import LlamaModel
+
+
+def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one KV block takes across all layers (keys and values)."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element_size
+    return per_token * block_size
+
+
+class ModelRunner:
+    """Owns the model and its KV cache; one call per engine step."""
+
+    def __init__(self, model: LlamaModel, config: ModelConfig, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        # Zeroed, not empty: masked-out garbage could hold NaN, and NaN times a zero weight is still NaN.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(config.num_hidden_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Compute the batch's new tokens; return logits [n, vocab] for the n sequences whose chunk reaches
+        their last token (they sample next), and those sequences' indices in the batch."""
+        input_ids, positions, metadata = self._prepare(batch)
+        hidden = self.model(input_ids, positions, metadata, self.kv_caches)
+        sampling = [
+            index for index, (sequence, num_new) in enumerate(zip(batch.sequences, batch.num_new_tokens))
+            if sequence.num_computed_tokens + num_new == sequence.num_tokens
+        ]
+        last_rows = metadata.query_start_loc[1:].long()[sampling] - 1
+        return self.model.compute_logits(hidden[last_rows]), sampling
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_start = [0]
+        for sequence, num_new in zip(batch.sequences, batch.num_new_tokens):
+            start, end = sequence.num_computed_tokens, sequence.num_computed_tokens + num_new
+            tokens.extend(sequence.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = sequence.block_table
+            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
+                         for p in range(start, end))
+            seq_lens.append(end)
+            query_start.append(query_start[-1] + num_new)
+        max_blocks = max(len(sequence.block_table) for sequence in batch.sequences)
+        tables = [sequence.block_table + [0] * (max_blocks - len(sequence.block_table))
+                  for sequence in batch.sequences]
+        device = self.device
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+        )
+        return (torch.tensor(tokens, dtype=torch.int64, device=device),
+                torch.tensor(positions, dtype=torch.int64, device=device), metadata)

@@ -1,0 +1,26 @@
+"""What the engine reports back to the caller of a request after each step."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of a generated token, with the most likely alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
+
+
+@dataclass
+class RequestOutput:
+    """The new tokens of one request since its last output; `finished` marks the final one."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str  # the text delta these tokens add (stop strings already cut off)
+    logprobs: list[TokenLogprob]
+    finished: bool
+    finish_reason: str | None  # "stop", "length" or "abort" once finished
+    stop_reason: str | int | None  # the stop string or stop/EOS token id that ended it, when "stop"
+    num_prompt_tokens: int
+    num_output_tokens: int  # total so far

@@ -1,0 +1,25 @@
+"""How one request wants its tokens chosen and when it wants to stop."""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings; the API layer validates ranges before building one."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 means off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF-style: over prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI-style: over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the k most likely
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

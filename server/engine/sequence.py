@@ -1,0 +1,68 @@
+"""One request's state as it moves through the engine."""
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from server.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass
+class DetokenizerState:
+    """Offsets of incremental detokenization: text is decoded from `prefix_offset` to spare re-decoding it all."""
+
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text: str = ""  # all output text decoded so far
+    sent_length: int = 0  # how much of `text` has been reported to the caller
+
+
+@dataclass
+class Sequence:
+    """A request: its tokens (prompt then output), how many have KV in the cache, and its cache blocks.
+
+    Prefill and decode are one thing: each step computes some of the tokens not yet in the cache; when the
+    cache holds them all, the last position's logits give the next token.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    generator: torch.Generator
+    arrival_time: float = field(default_factory=time.monotonic)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    detokenizer: DetokenizerState = field(default_factory=DetokenizerState)
+    first_scheduled_time: float | None = None
+    last_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,18 @@
+"""Root-mean-square normalization, computed in float32 like the reference Llama."""
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Scales each token's vector to unit RMS, then by a learned per-channel weight."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden.dtype
+        hidden = hidden.float()
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden.to(input_dtype)

@@ -1,0 +1,76 @@
+import torch
+
+from server.engine.sampler import sample
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import Sequence
+
+VOCAB = 32
+
+
+def make_sequence(params: SamplingParams, tokens=(1, 2, 3), prompt_length=2, seed=0) -> Sequence:
+    generator = torch.Generator()
+    generator.manual_seed(params.seed if params.seed is not None else seed)
+    return Sequence("r", list(tokens), prompt_length, params, generator)
+
+
+def test_greedy_is_argmax_and_logprobs_match_log_softmax():
+    logits = torch.randn(3, VOCAB)
+    sequences = [make_sequence(SamplingParams(temperature=0.0, logprobs=3)) for _ in range(3)]
+    tokens, logprobs = sample(logits, sequences)
+    assert tokens == logits.argmax(-1).tolist()
+    reference = logits.double().log_softmax(-1)
+    for row, entry in enumerate(logprobs):
+        assert abs(entry.logprob - reference[row, tokens[row]].item()) < 1e-5
+        top_ids = [token for token, _ in entry.top]
+        assert top_ids == reference[row].topk(3).indices.tolist()
+
+
+def test_seeded_draws_do_not_depend_on_the_rest_of_the_batch():
+    logits = torch.randn(4, VOCAB)
+    params = SamplingParams(temperature=1.0, seed=1234)
+
+    def first_row_tokens(batch_size: int) -> list[int]:
+        sequences = [make_sequence(params)] + [make_sequence(SamplingParams(), seed=s) for s in range(batch_size - 1)]
+        return [sample(logits[:batch_size].clone(), sequences)[0][0] for _ in range(10)]
+
+    assert first_row_tokens(1) == first_row_tokens(4)
+
+
+def test_sampling_frequencies_follow_the_tempered_distribution():
+    logits = torch.randn(1, 6)
+    params = SamplingParams(temperature=0.7)
+    sequence = make_sequence(params)
+    draws = 6000
+    counts = torch.zeros(6)
+    for _ in range(draws):
+        counts[sample(logits.clone(), [sequence])[0][0]] += 1
+    expected = (logits[0] / 0.7).softmax(-1)
+    total_variation = 0.5 * (counts / draws - expected).abs().sum().item()
+    assert total_variation < 0.03
+
+
+def test_top_k_top_p_and_min_p_never_draw_outside_their_set():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    cases = [
+        (SamplingParams(top_k=2), {0, 1}),
+        (SamplingParams(top_p=0.8), {0, 1}),  # probabilities ~0.64, 0.23, 0.09, ...
+        (SamplingParams(min_p=0.3), {0, 1}),  # 0.23 / 0.64 > 0.3; 0.09 / 0.64 < 0.3
+        (SamplingParams(top_k=1, temperature=1.5), {0}),
+    ]
+    for params, allowed in cases:
+        sequence = make_sequence(params)
+        drawn = {sample(logits.clone(), [sequence])[0][0] for _ in range(300)}
+        assert drawn == allowed, params
+
+
+def test_penalties_push_away_from_seen_tokens():
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 3] = 1.0
+    logits[0, 4] = 0.9
+    repeated = make_sequence(SamplingParams(temperature=0.0, repetition_penalty=2.0), tokens=(3, 3), prompt_length=1)
+    assert sample(logits.clone(), [repeated])[0] == [4]
+    present = make_sequence(SamplingParams(temperature=0.0, presence_penalty=0.5), tokens=(7, 3), prompt_length=1)
+    assert sample(logits.clone(), [present])[0] == [4]
+    in_prompt_only = make_sequence(SamplingParams(temperature=0.0, frequency_penalty=2.0), tokens=(3, 5),
+                                   prompt_length=1)
+    assert sample(logits.clone(), [in_prompt_only])[0] == [3]  # OpenAI penalties count output tokens only
