@@ -61,12 +61,16 @@ def paged_attention_reference(
     """Plain torch: gather every sequence's context from its blocks, pad the batch, one masked SDPA call."""
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = metadata.seq_lens.shape[0]
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_blocks, block_size, num_kv_heads = key_cache.shape[:3]
     max_query, max_context = metadata.max_query_len, metadata.max_seq_len
     blocks_needed = (max_context + block_size - 1) // block_size
-    tables = metadata.block_tables[:, :blocks_needed].long()
-    keys = key_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_context]
-    values = value_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_context]
+    block_ids = metadata.block_tables[:, :blocks_needed].flatten()
+    # index_select over whole blocks as rows is several times faster on CPU than advanced indexing.
+    keys, values = (
+        cache.view(num_blocks, -1).index_select(0, block_ids)
+        .view(num_seqs, -1, num_kv_heads, head_dim)[:, :max_context]
+        for cache in (key_cache, value_cache)
+    )
 
     starts = metadata.query_start_loc[:-1].long()
     query_lens = metadata.query_start_loc[1:].long() - starts

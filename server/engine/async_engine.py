@@ -1,11 +1,13 @@
 """Drives the engine from asyncio: requests arrive and leave while a background task steps the model.
 
 Only the background task touches the engine's scheduler state; `submit` and `abort` queue their changes and
-the task applies them between steps. Each step runs in a worker thread, so the event loop keeps serving HTTP.
+the task applies them between steps. Each step runs on one dedicated worker thread, so the event loop keeps
+serving HTTP, and the math library's thread pool stays bound to a single caller rather than one per worker.
 """
 import asyncio
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,6 +94,7 @@ class AsyncEngine:
         self._pending_aborts: list[str] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-step")
 
     @classmethod
     def from_config(cls, config: ServerConfig, metrics: Metrics) -> "AsyncEngine":
@@ -107,6 +110,7 @@ class AsyncEngine:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._step_thread.shutdown(wait=True)
         self._fail_all(EngineDeadError("the server is shutting down"))
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -156,7 +160,8 @@ class AsyncEngine:
                 self._wakeup.clear()
                 continue
             try:
-                outputs = await asyncio.to_thread(self.engine.step)
+                loop = asyncio.get_running_loop()
+                outputs = await loop.run_in_executor(self._step_thread, self.engine.step)
             except Exception as error:
                 logger.exception("engine step failed; the engine stops")
                 self.healthy = False
