@@ -1,1 +1,2 @@
-"""LoRA adapters: format, validation, registry and slot pool (arrives with the multi-LoRA issue)."""
+"""LoRA adapters: PEFT format and validation, the on-disk store, the registry with its CPU cache, and the
+device slot pool the model reads. Imports `kernels`, never `server`."""

@@ -33,8 +33,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", "embedded"]
+def start_server(port: int, *flags: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", "embedded", *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=None, text=True)
     for line in process.stdout:
         print("  server:", line.rstrip(), file=sys.stderr)
@@ -43,18 +43,21 @@ def start_server(port: int) -> subprocess.Popen:
     raise RuntimeError("the server exited before it was ready")
 
 
-async def run_server_load(port: int, prompts: list[str], max_tokens: int) -> tuple[int, float]:
-    """All prompts at once, as concurrent HTTP requests; returns (output tokens, seconds)."""
+async def run_server_load(port: int, prompts: list[str], max_tokens: int,
+                          models: list[str | None] | None = None) -> tuple[int, float]:
+    """All prompts at once, as concurrent HTTP requests (prompt i with models[i], if given, else the base model);
+    returns (output tokens, seconds)."""
+    models = models or [None] * len(prompts)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-        async def one(prompt: str) -> int:
-            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        async def one(prompt: str, model: str | None) -> int:
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
             reply = await client.post("/v1/completions", json=body)
             reply.raise_for_status()
             return reply.json()["usage"]["completion_tokens"]
 
-        await one(prompts[0])  # warm-up
+        await one(prompts[0], models[0])  # warm-up
         start = time.perf_counter()
-        counts = await asyncio.gather(*(one(prompt) for prompt in prompts))
+        counts = await asyncio.gather(*(one(prompt, model) for prompt, model in zip(prompts, models)))
         return sum(counts), time.perf_counter() - start
 
 

@@ -28,13 +28,20 @@ HELP = {
     "max_model_len": "longest prompt plus output, in tokens (default: the model's context, capped by the cache)",
     "max_num_batched_tokens": "token budget of one engine step (prefill chunks and decodes together)",
     "max_num_seqs": "requests running at once",
+    "prefix_caching": "reuse the KV-cache blocks of prompt prefixes earlier requests computed (same adapter version)",
     "max_queue": "requests allowed to wait; beyond that new ones get HTTP 429",
     "seed": "seeds the sampling of requests that bring no seed of their own",
+    "adapter_dir": "directory where uploaded LoRA adapters persist across restarts (default: a temporary one)",
+    "max_loras": "adapter slots in device memory: the most distinct adapters in one step",
+    "max_cpu_loras": "adapters kept loaded in CPU memory, least recently used evicted first",
+    "max_lora_rank": "largest LoRA rank accepted; slots are padded to it",
+    "max_adapter_bytes": "largest adapter upload accepted: bytes, or a size such as 256MiB",
 }
 CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16")}
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
               "t": 2**40, "tib": 2**40}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+logger = logging.getLogger("loraserve")
 
 
 def parse_size(text: str) -> int:
@@ -45,7 +52,7 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
-PARSERS: dict[str, Callable[[str], object]] = {"kv_cache_memory": parse_size}
+PARSERS: dict[str, Callable[[str], object]] = {"kv_cache_memory": parse_size, "max_adapter_bytes": parse_size}
 
 
 def flag_type(field: dataclasses.Field) -> Callable[[str], object]:
@@ -56,9 +63,18 @@ def flag_type(field: dataclasses.Field) -> Callable[[str], object]:
     return types[0] if types else field.type
 
 
+def flag_options(field: dataclasses.Field) -> dict[str, object]:
+    """`add_argument` settings of a config field's flag; a boolean gets a `--no-` form to turn it off."""
+    shown_default = "" if field.default is None else " (default: %(default)s)"
+    options: dict[str, object] = {"default": field.default, "help": HELP[field.name] + shown_default}
+    if field.type is bool:
+        return options | {"action": argparse.BooleanOptionalAction}
+    return options | {"type": flag_type(field), "choices": CHOICES.get(field.name)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="loraserve", description="Serve a Llama-family model (and, later, many LoRA adapters) over "
+        prog="loraserve", description="Serve a Llama-family model and many LoRA adapters over "
         "OpenAI-compatible (/v1/completions, /v1/chat/completions) and LoRAX-compatible (/generate) HTTP APIs.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_parser = commands.add_parser(
@@ -66,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load the model, then serve HTTP; prints 'loraserve ready: http://HOST:PORT' once it accepts "
         "connections.")
     for field in dataclasses.fields(ServerConfig):
-        shown_default = "" if field.default is None else " (default: %(default)s)"
-        serve_parser.add_argument("--" + field.name.replace("_", "-"), type=flag_type(field), default=field.default,
-                                  choices=CHOICES.get(field.name), help=HELP[field.name] + shown_default)
+        serve_parser.add_argument("--" + field.name.replace("_", "-"), **flag_options(field))
     serve_parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                               help="logging verbosity (default: %(default)s)")
     serve_parser.set_defaults(run=serve)
@@ -93,14 +107,19 @@ async def serve_until_stopped(server: uvicorn.Server, host: str) -> None:
 def serve(args: argparse.Namespace) -> None:
     # Imported here so `loraserve --help` answers without loading torch.
     from server.api.app import create_app
+    from server.api.auth import ADMIN_KEY_VARIABLE, admin_key_from_environment
     from server.engine.async_engine import AsyncEngine
     from server.metrics import Metrics
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from(args)
+    admin_key = admin_key_from_environment()
+    if admin_key is None:
+        logger.warning("%s is not set: anyone who can reach the server may upload, load and delete adapters",
+                       ADMIN_KEY_VARIABLE)
     metrics = Metrics()
     engine = AsyncEngine.from_config(config, metrics)
-    app = create_app(engine, metrics, config)
+    app = create_app(engine, metrics, config, admin_key)
     # log_config=None: uvicorn logs through the root logger to stderr; stdout carries only the ready line.
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
                                            log_config=None))

@@ -18,5 +18,11 @@ class ServerConfig:
     max_model_len: int | None = None  # defaults to the model's context length
     max_num_batched_tokens: int = 512  # token budget of one engine step
     max_num_seqs: int = 64  # requests running at once
+    prefix_caching: bool = True  # reuse the KV of full blocks that earlier requests computed
     max_queue: int = 256  # requests waiting before new ones get 429
     seed: int = 0  # seeds sampling of requests that bring no seed
+    adapter_dir: str | None = None  # where uploaded adapters persist; None: a temporary directory
+    max_loras: int = 8  # adapter slots in device memory: distinct adapters in one step
+    max_cpu_loras: int = 32  # adapters kept loaded in CPU memory (LRU)
+    max_lora_rank: int = 64
+    max_adapter_bytes: int = 512 << 20  # largest accepted upload

@@ -4,6 +4,7 @@ Each server owns its registry, so several servers (tests) can live in one proces
 """
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+MAX_ADAPTER_LABELS = 100  # per-adapter series beyond this would explode Prometheus' cardinality
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                    80.0, 160.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
@@ -44,6 +45,51 @@ class Metrics:
                              registry=registry)
         self.kv_cache_usage = Gauge("loraserve:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
                                     registry=registry)
+        self.prefix_cache_queries = Counter(
+            "loraserve:prefix_cache_queries", "Tokens of admitted requests looked up in the prefix cache.",
+            registry=registry)
+        self.prefix_cache_hits = Counter(
+            "loraserve:prefix_cache_hits", "Tokens whose KV the prefix cache already held.", registry=registry)
+        self.prefix_cache_blocks = Gauge(
+            "loraserve:prefix_cache_blocks", "KV blocks the prefix cache holds, in use or free.", registry=registry)
+        self.prefix_cache_evictions = Counter(
+            "loraserve:prefix_cache_evictions", "Cached KV blocks evicted to be reused.", registry=registry)
+
+        self.adapter_loads = Counter("loraserve:adapter_loads", "Adapter loads, by tier loaded into (cpu, gpu).",
+                                     ["tier"], registry=registry)
+        self.adapter_evictions = Counter("loraserve:adapter_evictions", "Adapters evicted, by tier left (cpu, gpu).",
+                                         ["tier"], registry=registry)
+        self.adapter_load_latency = Histogram(
+            "loraserve:adapter_load_latency_seconds", "Time to load an adapter into a tier.", ["tier"],
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.adapter_requests = Counter("loraserve:adapter_requests", "Requests admitted, by adapter (bounded).",
+                                        ["adapter"], registry=registry)
+        self.adapter_labels: set[str] = set()
+        self.adapter_slots_in_use = Gauge("loraserve:adapter_slots_in_use", "Adapter slots held by some adapter.",
+                                          registry=registry)
+
+    def adapter_loaded(self, tier: str, seconds: float) -> None:
+        """Called by the adapter registry (it knows nothing of Prometheus)."""
+        self.adapter_loads.labels(tier=tier).inc()
+        self.adapter_load_latency.labels(tier=tier).observe(seconds)
+
+    def adapter_evicted(self, tier: str) -> None:
+        self.adapter_evictions.labels(tier=tier).inc()
+
+    def prefix_cache_queried(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Called by the block manager at each admission (it knows nothing of Prometheus)."""
+        self.prefix_cache_queries.inc(num_tokens)
+        self.prefix_cache_hits.inc(num_hit_tokens)
+
+    def prefix_cache_evicted(self) -> None:
+        self.prefix_cache_evictions.inc()
+
+    def count_adapter_request(self, name: str) -> None:
+        """Requests per adapter, with names past the first MAX_ADAPTER_LABELS folded into "other"."""
+        if name not in self.adapter_labels and len(self.adapter_labels) >= MAX_ADAPTER_LABELS:
+            name = "other"
+        self.adapter_labels.add(name)
+        self.adapter_requests.labels(adapter=name).inc()
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

@@ -1,4 +1,5 @@
-"""The FastAPI application: both APIs' routes, the error handlers, and the operational endpoints."""
+"""The FastAPI application: both APIs' routes, the adapter routes, the error handlers, and the operational
+endpoints."""
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -7,7 +8,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from server.api import lorax_routes, openai_routes
+from server.api import adapter_routes, lorax_routes, openai_routes
 from server.api.common_schema import MAX_STOP_SEQUENCES
 from server.api.errors import install_error_handlers
 from server.api.generation import engine_of
@@ -47,22 +48,27 @@ async def info(request: Request, engine: AsyncEngine = Depends(engine_of)) -> di
         "max_batch_total_tokens": stats.num_total_blocks * config.block_size,
         "max_batch_prefill_tokens": config.max_num_batched_tokens, "block_size": config.block_size,
         "version": package_version(), "sha": None, "docker_label": None,
+        # Not in LoRAX's /info: what adapters hold right now, for operators and tests.
+        "adapter_slots_in_use": engine.adapters.slots_in_use(), "adapter_references": engine.adapters.num_references(),
+        "adapter_pins": engine.adapters.num_pins(),
     }
 
 
 @router.get("/metrics")
 async def metrics_text(request: Request, engine: AsyncEngine = Depends(engine_of)) -> Response:
-    """Prometheus text; the scheduler gauges are refreshed here so an idle server still reads true."""
+    """Prometheus text; the scheduler and adapter gauges are refreshed here so an idle server still reads true."""
     metrics: Metrics = request.app.state.metrics
     stats = engine.stats()
     metrics.running.set(stats.num_running)
     metrics.waiting.set(stats.num_waiting)
     metrics.kv_cache_usage.set(1.0 - stats.num_free_blocks / stats.num_total_blocks)
+    metrics.adapter_slots_in_use.set(engine.adapters.slots_in_use())
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
-def create_app(engine: AsyncEngine, metrics: Metrics, config: ServerConfig) -> FastAPI:
-    """The app around a built engine; the engine loop runs while the app serves."""
+def create_app(engine: AsyncEngine, metrics: Metrics, config: ServerConfig, admin_key: str | None) -> FastAPI:
+    """The app around a built engine; the engine loop runs while the app serves. Without an admin key, anyone
+    who reaches the server may change its adapters."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,7 +82,9 @@ def create_app(engine: AsyncEngine, metrics: Metrics, config: ServerConfig) -> F
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.config = config
+    app.state.admin_key = admin_key
     install_error_handlers(app, metrics)
-    for routes in (router, openai_routes.router, lorax_routes.router):
+    for routes in (router, openai_routes.router, lorax_routes.router, adapter_routes.router,
+                   adapter_routes.admin_router):
         app.include_router(routes)
     return app

@@ -8,11 +8,15 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError as SchemaValidationError
 from fastapi.responses import JSONResponse
+from python_multipart.exceptions import FormParserError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from adapters.errors import AdapterFormatError, AdapterNameError, AdapterNotFoundError, AdapterTooLargeError
 from server.engine.errors import EngineDeadError, QueueFullError, RequestValidationError
 from server.metrics import Metrics
 from server.model.errors import ChatTemplateError
+
 
 class InvalidRequestError(Exception):
     """The request is well-formed JSON but asks for something this server refuses."""
@@ -38,6 +42,12 @@ class ClientDisconnectedError(Exception):
     """The client went away before its answer was ready; nobody reads the response."""
 
 
+class UnauthorizedError(Exception):
+    """An admin route was called without the admin key, or with a wrong one."""
+
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     """How one family of failures looks to each API, and the reason label when it refuses a request."""
@@ -50,17 +60,26 @@ class ErrorKind:
 
 
 INVALID = ErrorKind(400, "invalid_request_error", 422, "validation", "invalid_request")
+NOT_FOUND = ErrorKind(404, "invalid_request_error", 404, "not_found", "model_not_found")
+DISCONNECTED = ErrorKind(499, "client_disconnected", 499, "client_disconnected", None)
 UNEXPECTED = ErrorKind(500, "internal_error", 500, "generation", None)
 KINDS: dict[type[Exception], ErrorKind] = {
     SchemaValidationError: INVALID,
     InvalidRequestError: INVALID,
     RequestValidationError: INVALID,
     ChatTemplateError: INVALID,
-    ModelNotFoundError: ErrorKind(404, "invalid_request_error", 404, "not_found", "model_not_found"),
+    FormParserError: INVALID,
+    AdapterFormatError: INVALID,
+    AdapterNameError: INVALID,
+    ModelNotFoundError: NOT_FOUND,
+    AdapterNotFoundError: NOT_FOUND,
+    AdapterTooLargeError: ErrorKind(413, "invalid_request_error", 413, "validation", "adapter_too_large"),
+    UnauthorizedError: ErrorKind(401, "authentication_error", 401, "unauthorized", "unauthorized"),
     QueueFullError: ErrorKind(429, "rate_limit_error", 429, "overloaded", "queue_full"),
     EngineDeadError: ErrorKind(503, "service_unavailable", 424, "generation", "engine_dead"),
     GenerationAbortedError: ErrorKind(500, "internal_error", 424, "generation", None),
-    ClientDisconnectedError: ErrorKind(499, "client_disconnected", 499, "client_disconnected", None),
+    ClientDisconnectedError: DISCONNECTED,
+    ClientDisconnect: DISCONNECTED,  # Starlette's, raised while an upload's body is read
 }
 
 
@@ -113,6 +132,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     """Route every failure, expected or not, through `error_body`; count refusals by reason.
 
     Starlette re-raises unexpected exceptions after answering, so the server log still shows their traceback.
+    Headers an error carries (`Allow` of a 405, `WWW-Authenticate` of a 401) go out with it.
     """
 
     async def handle(request: Request, error: Exception) -> JSONResponse:
@@ -121,7 +141,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             metrics.requests_rejected.labels(reason=kind.reason).inc()
         openai = is_openai(request)
         status = kind.openai_status if openai else kind.lorax_status
-        return JSONResponse(error_body(error, openai), status_code=status)
+        return JSONResponse(error_body(error, openai), status_code=status, headers=getattr(error, "headers", None))
 
     for cls in (*KINDS, HTTPException, Exception):
         app.add_exception_handler(cls, handle)

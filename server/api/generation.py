@@ -9,6 +9,8 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from adapters.errors import AdapterNotFoundError
+from adapters.registry import AdapterRef
 from server.api.errors import ClientDisconnectedError, GenerationAbortedError, ModelNotFoundError
 from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine.outputs import RequestOutput, TokenLogprob
@@ -23,10 +25,15 @@ def engine_of(request: Request) -> AsyncEngine:
     return request.app.state.engine
 
 
-def check_model(engine: AsyncEngine, name: str | None, param: str) -> None:
-    """Empty or the served name means the base model; adapters come later, so anything else is unknown."""
-    if name and name != engine.model_name:
-        raise ModelNotFoundError(name, param)
+async def select_adapter(engine: AsyncEngine, name: str | None, param: str) -> AdapterRef | None:
+    """The adapter a request names, pinned and loaded (a load waits here, not in the engine loop); pass it
+    straight to `submit`, which drops this pin. Empty or the served model's name means the base model."""
+    if not name or name == engine.model_name:
+        return None
+    try:
+        return await engine.prepare_adapter(name)
+    except AdapterNotFoundError as error:
+        raise ModelNotFoundError(name, param) from error
 
 
 def new_request_id(prefix: str) -> str:
@@ -42,6 +49,7 @@ class Generation:
     """Everything one engine request produced, gathered from its outputs."""
 
     num_prompt_tokens: int
+    num_cached_tokens: int = 0  # of the prompt's, found in the prefix cache
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -49,6 +57,7 @@ class Generation:
     stop_reason: str | int | None = None
 
     def add(self, output: RequestOutput) -> None:
+        self.num_cached_tokens = output.num_cached_tokens
         self.token_ids += output.token_ids
         self.text += output.text
         self.logprobs += output.logprobs
@@ -103,16 +112,22 @@ class Submission:
         return generations
 
 
-def submit(engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams],
-           request_id: str) -> Submission:
-    """Submit one engine request per prompt; if any is refused, abort those already in and re-raise."""
+def submit(engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams], request_id: str,
+           adapter: AdapterRef | None) -> Submission:
+    """Submit one engine request per prompt; if any is refused, abort those already in and re-raise.
+
+    Each submitted request pins the adapter for itself, so the pin `select_adapter` took is dropped here.
+    """
     streams: list[RequestStream] = []
     try:
         for index, (prompt, request_params) in enumerate(zip(prompts, params, strict=True)):
-            streams.append(engine.submit(prompt, request_params, f"{request_id}-{index}"))
+            streams.append(engine.submit(prompt, request_params, f"{request_id}-{index}", adapter))
     except BaseException:
         Submission(streams).abort()
         raise
+    finally:
+        if adapter is not None:
+            engine.adapters.unpin(adapter)
     return Submission(streams)
 
 

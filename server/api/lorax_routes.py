@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from server.api.generation import (Generation, Submission, check_model, engine_of, finite, new_request_id, submit,
+from server.api.generation import (Generation, Submission, engine_of, finite, new_request_id, select_adapter, submit,
                                    unless_disconnected)
 from server.api.lorax_schemas import GenerateParameters, GenerateRequest
 from server.api.streaming import add_stream_switch_route, sse_events
@@ -70,13 +70,13 @@ async def submitted_generate(body: GenerateRequest,
                              engine: AsyncEngine = Depends(engine_of)) -> AsyncIterator[LoraxJob]:
     """Without max_new_tokens, the answer may fill the rest of the context, as in LoRAX."""
     parameters = body.parameters
-    check_model(engine, parameters.adapter_id, "adapter_id")
     prompt = engine.tokenizer.encode(body.inputs)
     if parameters.truncate:
         prompt = prompt[-parameters.truncate:]
     max_new_tokens = parameters.max_new_tokens or max(1, engine.max_model_len - len(prompt))
     request_params = [parameters.sampling_params(max_new_tokens)]
-    with submit(engine, [prompt], request_params, new_request_id("generate")) as submission:
+    adapter = await select_adapter(engine, parameters.adapter_id, "adapter_id")
+    with submit(engine, [prompt], request_params, new_request_id("generate"), adapter) as submission:
         yield LoraxJob(submission, parameters, body.inputs, prompt, engine.tokenizer)
 
 

@@ -18,9 +18,9 @@ class GenerateParameters(RequestSchema):
         "typical_p": (None,), "best_of": (None, 1), "watermark": (None, False), "merged_adapters": (None,),
         "response_format": (None,)}
 
-    adapter_id: str | None = None
-    adapter_source: str | None = None
-    api_token: str | None = None  # for private adapters; unused until adapters arrive
+    adapter_id: str | None = None  # an uploaded adapter's name; empty or the base model's name means none
+    adapter_source: str | None = None  # only "local": adapters are uploaded here, never fetched
+    api_token: str | None = None  # for private hub adapters; nothing is fetched, so it is ignored
     do_sample: bool = False
     max_new_tokens: int | None = Field(None, ge=1)
     ignore_eos_token: bool = False
@@ -40,6 +40,14 @@ class GenerateParameters(RequestSchema):
     @classmethod
     def check_stop(cls, stop: list[str]) -> list[str]:
         return stop_list(stop)
+
+    @field_validator("adapter_source")
+    @classmethod
+    def check_adapter_source(cls, source: str) -> str:
+        if source != "local":
+            raise ValueError(f"this server has no adapter source {source!r}: it serves only adapters uploaded to "
+                             "it (POST /v1/adapters), so adapter_source must be 'local' or unset")
+        return source
 
     @property
     def sampling(self) -> bool:

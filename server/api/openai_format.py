@@ -29,11 +29,12 @@ class OpenAIJob:
             body["usage"] = usage
         return body
 
-    def usage(self, completion_tokens: int) -> dict:
-        """Token counts; a prompt asked for n choices still counts once."""
+    def usage(self, completion_tokens: int, cached_tokens: list[int]) -> dict:
+        """Token counts; a prompt asked for n choices still counts once (with its first choice's cache hits)."""
         prompt_tokens = sum(self.submission.num_prompt_tokens[::self.num_choices_per_prompt])
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(cached_tokens[::self.num_choices_per_prompt])}}
 
     def echo_text(self, choice_index: int) -> str:
         return self.echo_texts[choice_index // self.num_choices_per_prompt] if self.echo_texts else ""
@@ -69,10 +70,12 @@ async def openai_chunks(job: OpenAIJob, object_name: str, opening: list[dict],
     for choice in opening:
         yield job.envelope(object_name, [choice])
     output_tokens = [0] * len(job.submission.streams)
+    cached_tokens = [0] * len(job.submission.streams)
     async with aclosing(job.submission.outputs()) as outputs:
         async for index, output in outputs:
             output_tokens[index] = output.num_output_tokens
+            cached_tokens[index] = output.num_cached_tokens
             for choice in choices_of(index, output):
                 yield job.envelope(object_name, [choice])
     if job.include_usage:
-        yield job.envelope(object_name, [], job.usage(sum(output_tokens)))
+        yield job.envelope(object_name, [], job.usage(sum(output_tokens), cached_tokens))

@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions and /v1/models.
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions and /v1/models (adapters included).
 
 Each POST endpoint has a JSON and an SSE form; both take the same dependency, which validates the body and
 submits its requests before either answers, and aborts what still runs once the HTTP request is over.
@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.sse import ServerSentEvent
 
 from server.api.errors import InvalidRequestError
-from server.api.generation import Generation, check_model, engine_of, new_request_id, submit, unless_disconnected
+from server.api.generation import Generation, engine_of, new_request_id, select_adapter, submit, unless_disconnected
 from server.api.openai_format import OpenAIJob, chat_logprobs, completion_logprobs, openai_chunks
 from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from server.api.streaming import add_stream_switch_route, sse_events
@@ -23,7 +23,6 @@ router = APIRouter()
 async def submitted_completion(body: CompletionRequest,
                                engine: AsyncEngine = Depends(engine_of)) -> AsyncIterator[OpenAIJob]:
     """Every prompt n times, choice i of a prompt seeded with seed + i."""
-    check_model(engine, body.model, "model")
     prompts = body.prompts()
     if not prompts:
         raise InvalidRequestError("the prompt is empty", "prompt")
@@ -31,22 +30,25 @@ async def submitted_completion(body: CompletionRequest,
     params = [body.sampling_params(body.max_tokens, body.logprobs, i) for _ in prompts for i in range(body.n)]
     request_id = new_request_id("cmpl")
     echo_texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if body.echo else []
-    with submit(engine, [ids for ids in token_ids for _ in range(body.n)], params, request_id) as submission:
-        yield OpenAIJob(submission, request_id, engine.model_name, body.n, body.include_usage, body.logprobs,
-                        echo_texts)
+    adapter = await select_adapter(engine, body.model, "model")
+    with submit(engine, [ids for ids in token_ids for _ in range(body.n)], params, request_id,
+                adapter) as submission:
+        yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,
+                        body.logprobs, echo_texts)
 
 
 async def submitted_chat(body: ChatCompletionRequest,
                          engine: AsyncEngine = Depends(engine_of)) -> AsyncIterator[OpenAIJob]:
     """The conversation through the model's chat template, answered n times."""
-    check_model(engine, body.model, "model")
     text = engine.tokenizer.apply_chat_template([message.as_template_input() for message in body.messages])
     prompt = engine.tokenizer.encode(text, add_special_tokens=False)
     max_tokens = body.token_limit or max(1, engine.max_model_len - len(prompt))
     params = [body.sampling_params(max_tokens, body.logprobs_count, i) for i in range(body.n)]
     request_id = new_request_id("chatcmpl")
-    with submit(engine, [prompt] * body.n, params, request_id) as submission:
-        yield OpenAIJob(submission, request_id, engine.model_name, body.n, body.include_usage, body.logprobs_count)
+    adapter = await select_adapter(engine, body.model, "model")
+    with submit(engine, [prompt] * body.n, params, request_id, adapter) as submission:
+        yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,
+                        body.logprobs_count)
 
 
 def completion_choice(job: OpenAIJob, index: int, generation: Generation, tokenizer: Tokenizer) -> dict:
@@ -70,7 +72,8 @@ async def answer(request: Request, job: OpenAIJob, object_name: str, choice_of: 
     generations = await unless_disconnected(request, job.submission.collect())
     tokenizer = engine_of(request).tokenizer
     choices = [choice_of(job, index, generation, tokenizer) for index, generation in enumerate(generations)]
-    return job.envelope(object_name, choices, job.usage(sum(len(g.token_ids) for g in generations)))
+    usage = job.usage(sum(len(g.token_ids) for g in generations), [g.num_cached_tokens for g in generations])
+    return job.envelope(object_name, choices, usage)
 
 
 async def create_completion(request: Request, job: OpenAIJob = Depends(submitted_completion)) -> dict:
@@ -122,11 +125,17 @@ async def stream_chat_completion(request: Request,
         yield event
 
 
+def model_object(engine: AsyncEngine, name: str, parent: str | None, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "loraserve", "root": name,
+            "parent": parent, "max_model_len": engine.max_model_len}
+
+
 @router.get("/v1/models")
 async def list_models(engine: AsyncEngine = Depends(engine_of)) -> dict:
-    model = {"id": engine.model_name, "object": "model", "created": 0, "owned_by": "loraserve",
-             "root": engine.model_name, "parent": None, "max_model_len": engine.max_model_len}
-    return {"object": "list", "data": [model]}
+    """The base model, then each adapter as a model whose parent is the base."""
+    adapters = [model_object(engine, record.name, engine.model_name, int(record.created_at))
+                for record in engine.adapters.records()]
+    return {"object": "list", "data": [model_object(engine, engine.model_name, None, 0), *adapters]}
 
 
 add_stream_switch_route(router, "/v1/completions", create_completion, stream_completion)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters.registry import AdapterRef
 from server.config import ServerConfig
 from server.engine.engine import LLMEngine
 from server.engine.errors import EngineDeadError, QueueFullError
@@ -88,9 +89,10 @@ class AsyncEngine:
         self.device = str(engine.runner.device)
         self.dtype = str(engine.runner.dtype).removeprefix("torch.")
         self.max_queue = max_queue
+        self.adapters = engine.adapters
         self.healthy = True
         self._streams: dict[str, RequestStream] = {}
-        self._pending_adds: list[tuple[str, list[int], SamplingParams]] = []
+        self._pending_adds: list[tuple[str, list[int], SamplingParams, AdapterRef | None]] = []
         self._pending_aborts: list[str] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -113,8 +115,20 @@ class AsyncEngine:
         self._step_thread.shutdown(wait=True)
         self._fail_all(EngineDeadError("the server is shutting down"))
 
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams,
-               request_id: str | None = None) -> RequestStream:
+    async def prepare_adapter(self, name: str) -> AdapterRef:
+        """The latest version of adapter `name`, pinned and loaded into memory; other requests run on while it
+        loads. The caller unpins it (`adapters.unpin`) once its requests are submitted, since each submitted
+        request holds a pin of its own. Raises AdapterNotFoundError for an unknown name."""
+        reference = self.adapters.resolve(name)
+        try:
+            await asyncio.to_thread(self.adapters.ensure_loaded, reference)
+        except BaseException:
+            self.adapters.unpin(reference)
+            raise
+        return reference
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+               adapter: AdapterRef | None = None) -> RequestStream:
         """Queue a request; raises RequestValidationError, QueueFullError or EngineDeadError at once."""
         if not self.healthy:
             raise EngineDeadError("the engine stopped after an internal error")
@@ -122,9 +136,11 @@ class AsyncEngine:
         if len(self.engine.scheduler.waiting) + len(self._pending_adds) >= self.max_queue:
             raise QueueFullError(f"{self.max_queue} requests are already waiting; try again later")
         request_id = request_id or uuid.uuid4().hex
+        if adapter is not None:
+            self.adapters.pin(adapter)  # now, not when the loop adds it: the caller's own pin may go first
         stream = RequestStream(request_id, len(prompt_token_ids), self._abort)
         self._streams[request_id] = stream
-        self._pending_adds.append((request_id, list(prompt_token_ids), params))
+        self._pending_adds.append((request_id, list(prompt_token_ids), params, adapter))
         self._wakeup.set()
         return stream
 
@@ -141,10 +157,12 @@ class AsyncEngine:
 
     def _apply_pending(self) -> None:
         adds, self._pending_adds = self._pending_adds, []
-        for request_id, prompt, params in adds:
+        for request_id, prompt, params, adapter in adds:
             try:
-                self.engine.add_request(request_id, prompt, params)
+                self.engine.add_request(request_id, prompt, params, adapter)
             except Exception as error:  # reported to its own request, never to the loop
+                if adapter is not None:
+                    self.adapters.unpin(adapter)
                 stream = self._streams.pop(request_id, None)
                 if stream is not None:
                     stream.put(error)

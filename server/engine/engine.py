@@ -1,10 +1,15 @@
 """The synchronous engine: accepts requests, and each `step` schedules, runs the model, samples and reports."""
 import logging
 import random
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from adapters.format import BaseModelShape
+from adapters.registry import AdapterRef, AdapterRegistry
+from adapters.slot_pool import SlotPool
 from server.config import ServerConfig
 from server.engine.block_manager import BlockManager
 from server.engine.errors import RequestValidationError
@@ -16,6 +21,7 @@ from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
 from server.engine.stop_checker import StopChecker
 from server.metrics import Metrics
+from server.model.config import ModelConfig
 from server.model.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -37,9 +43,15 @@ class LLMEngine:
                                  loaded.config.max_position_embeddings, num_blocks * config.block_size)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB); max model length %d", num_blocks,
                     config.block_size, num_blocks * block_bytes / 2**20, self.max_model_len)
-        self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        base = adapter_base_shape(loaded.config)
+        slots = SlotPool(base, config.max_loras, config.max_lora_rank, parameter.device, parameter.dtype)
+        directory, self.adapter_scratch = adapter_directory(config)
+        self.adapters = AdapterRegistry(directory, base, slots, config.max_cpu_loras,
+                                        config.max_lora_rank, listener=self.metrics)
+        self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching, self.metrics)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs,
+                                   self.adapters)
         self.stop_checker = StopChecker(loaded.tokenizer, self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self.seed_source = random.Random(config.seed)
@@ -60,13 +72,19 @@ class LLMEngine:
                 f"the prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"this model's context of {self.max_model_len} tokens")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter: AdapterRef | None = None) -> None:
+        """Queue a request. An adapter comes pinned by the caller (`resolve` or `pin`), so no upload or delete
+        can free its version first; the request owns that pin from here, and drops it when it ends."""
         self.validate(prompt_token_ids, params)
         if request_id in self.sequences:
             raise RequestValidationError(f"request id {request_id!r} is already in use")
         generator = torch.Generator(device=self.runner.device)
         generator.manual_seed(params.seed if params.seed is not None else self.seed_source.getrandbits(63))
-        sequence = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, generator)
+        sequence = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, generator, adapter)
+        if adapter is not None:
+            self.adapters.count_request(adapter)
+            self.metrics.count_adapter_request(adapter.name)
         self.sequences[request_id] = sequence
         self.scheduler.add(sequence)
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
@@ -114,6 +132,7 @@ class LLMEngine:
             stop_reason=sequence.stop_reason,
             num_prompt_tokens=sequence.num_prompt_tokens,
             num_output_tokens=sequence.num_output_tokens,
+            num_cached_tokens=sequence.num_cached_tokens,
         )
 
     def _record_token_timing(self, sequence: Sequence) -> None:
@@ -134,14 +153,32 @@ class LLMEngine:
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
         self.metrics.kv_cache_usage.set(self.block_manager.usage)
+        self.metrics.prefix_cache_blocks.set(self.block_manager.num_cached_blocks)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        """Offline use: run `prompts` to completion together; return each one's output token ids."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 adapters: list[AdapterRef | None] | None = None) -> list[list[int]]:
+        """Offline use: run `prompts` (each with its adapter, if any) to completion together; return each one's
+        output token ids."""
         request_ids = [f"offline-{index}" for index in range(len(prompts))]
-        for request_id, prompt in zip(request_ids, prompts):
-            self.add_request(request_id, prompt, params)
+        for request_id, prompt, adapter in zip(request_ids, prompts, adapters or [None] * len(prompts)):
+            self.add_request(request_id, prompt, params, adapter)
         outputs: dict[str, list[int]] = {request_id: [] for request_id in request_ids}
         while self.has_unfinished_requests():
             for output in self.step():
                 outputs[output.request_id].extend(output.token_ids)
         return [outputs[request_id] for request_id in request_ids]
+
+
+def adapter_base_shape(config: ModelConfig) -> BaseModelShape:
+    """What every adapter must fit: the projections' shapes and the layer count."""
+    return BaseModelShape.for_llama(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                                    config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+
+
+def adapter_directory(config: ServerConfig) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """`--adapter-dir`, or a temporary directory (returned too: it is deleted once nothing holds it)."""
+    if config.adapter_dir is not None:
+        return Path(config.adapter_dir), None
+    scratch = tempfile.TemporaryDirectory(prefix="loraserve-adapters-")
+    logger.warning("no --adapter-dir: uploaded adapters go to %s and do not survive a restart", scratch.name)
+    return Path(scratch.name), scratch

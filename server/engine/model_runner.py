@@ -2,6 +2,7 @@
 import torch
 
 from kernels.attention import AttentionMetadata
+from kernels.lora import LoraMapping, LoraWeights
 from server.engine.scheduler import ScheduledBatch
 from server.model.config import ModelConfig
 from server.model.llama import LlamaModel
@@ -15,10 +16,12 @@ def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> 
 
 
 class ModelRunner:
-    """Owns the model and its KV cache; one call per engine step."""
+    """Owns the model and its KV cache, and reads the adapter slots the registry fills; one call per step."""
 
-    def __init__(self, model: LlamaModel, config: ModelConfig, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: LlamaModel, config: ModelConfig, num_blocks: int, block_size: int,
+                 lora_weights: list[dict[str, LoraWeights]]) -> None:
         self.model = model
+        self.lora_weights = lora_weights
         self.block_size = block_size
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -35,7 +38,10 @@ class ModelRunner:
         """Compute the batch's new tokens; return logits [n, vocab] for the n sequences whose chunk reaches
         their last token (they sample next), and those sequences' indices in the batch."""
         input_ids, positions, metadata = self._prepare(batch)
-        hidden = self.model(input_ids, positions, metadata, self.kv_caches)
+        token_slots = [sequence.lora_slot for sequence, num_new in zip(batch.sequences, batch.num_new_tokens)
+                       for _ in range(num_new)]
+        lora = LoraMapping.from_token_slots(token_slots, self.device)
+        hidden = self.model(input_ids, positions, metadata, self.kv_caches, self.lora_weights, lora)
         sampling = [
             index for index, (sequence, num_new) in enumerate(zip(batch.sequences, batch.num_new_tokens))
             if sequence.num_computed_tokens + num_new == sequence.num_tokens

@@ -24,3 +24,4 @@ class RequestOutput:
     stop_reason: str | int | None  # the stop string or stop/EOS token id that ended it, when "stop"
     num_prompt_tokens: int
     num_output_tokens: int  # total so far
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

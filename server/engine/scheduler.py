@@ -1,13 +1,17 @@
 """Decides which requests run in the next step, and how many of their tokens, within a token budget.
 
 Running requests go first, oldest first, each taking a decode token or the rest of its prefill (chunked to fit
-the budget); waiting requests are admitted in arrival order with what budget is left. When the cache runs out of
-blocks, the newest running request is preempted: its blocks are freed and it is recomputed later.
+the budget); waiting requests are admitted in arrival order with what budget is left, skipping the leading blocks
+the prefix cache already holds. When the cache runs out of blocks, the newest running request is preempted: its
+blocks are freed and it is recomputed later. A request with an adapter is admitted only once its adapter holds a
+slot, so a step never has more distinct adapters than there are slots; the oldest waiting request is never
+overtaken, so none starves.
 """
 import time
 from collections import deque
 from dataclasses import dataclass
 
+from adapters.registry import AdapterRegistry
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
 
@@ -28,8 +32,10 @@ class ScheduledBatch:
 class Scheduler:
     """Owns the waiting queue and the running batch, and the block manager they draw on."""
 
-    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 adapters: AdapterRegistry | None = None) -> None:
         self.block_manager = block_manager
+        self.adapters = adapters
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -72,14 +78,17 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             sequence = self.waiting[0]
-            num_new = min(sequence.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(sequence, num_new):
+            prefix = self.block_manager.cached_prefix(sequence)
+            num_new = min(sequence.num_tokens - len(prefix) * self.block_manager.block_size, budget)
+            if (not self.block_manager.can_allocate(sequence, num_new, prefix)
+                    or not self._acquire_adapter(sequence)):
                 break  # first come, first served: nobody overtakes the oldest waiting request
             self.waiting.popleft()
-            self.block_manager.allocate(sequence, num_new)
+            self.block_manager.allocate(sequence, num_new, prefix)
             sequence.status = SequenceStatus.RUNNING
             if sequence.first_scheduled_time is None:
                 sequence.first_scheduled_time = time.monotonic()
+                sequence.num_cached_tokens = sequence.num_computed_tokens
             self.running.append(sequence)
             batch.sequences.append(sequence)
             batch.num_new_tokens.append(num_new)
@@ -89,6 +98,7 @@ class Scheduler:
         """Free `sequence`'s blocks and put it first in line; its KV will be recomputed from its tokens."""
         self.running.remove(sequence)
         self.block_manager.free(sequence)
+        self._release_adapter(sequence)
         sequence.status = SequenceStatus.WAITING
         self.waiting.appendleft(sequence)
 
@@ -99,6 +109,25 @@ class Scheduler:
         elif sequence.status is SequenceStatus.WAITING:
             self.waiting.remove(sequence)
         self.block_manager.free(sequence)
+        self._release_adapter(sequence)
+        if sequence.adapter is not None:
+            self.adapters.unpin(sequence.adapter)  # the pin the request was added with
         sequence.status = SequenceStatus.FINISHED
         sequence.finish_reason = reason
         sequence.stop_reason = stop_reason
+
+    def _acquire_adapter(self, sequence: Sequence) -> bool:
+        """Give `sequence` its adapter's slot; False when every slot is held by running requests."""
+        if sequence.adapter is None or sequence.lora_slot >= 0:
+            return True
+        assert self.adapters is not None
+        slot = self.adapters.acquire(sequence.adapter)
+        if slot is None:
+            return False
+        sequence.lora_slot = slot
+        return True
+
+    def _release_adapter(self, sequence: Sequence) -> None:
+        if sequence.lora_slot >= 0:
+            self.adapters.release(sequence.adapter)
+            sequence.lora_slot = -1

@@ -5,6 +5,7 @@ from enum import Enum, auto
 
 import torch
 
+from adapters.registry import AdapterRef
 from server.engine.sampling_params import SamplingParams
 
 
@@ -37,9 +38,13 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     generator: torch.Generator
+    adapter: AdapterRef | None = None
+    lora_slot: int = -1  # the adapter's slot while this request holds one
     arrival_time: float = field(default_factory=time.monotonic)
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     block_table: list[int] = field(default_factory=list)
+    block_digests: list[bytes] = field(default_factory=list)  # prefix-cache chain of the leading full blocks
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

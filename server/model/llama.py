@@ -4,8 +4,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.attention import AttentionMetadata
+from kernels.lora import LoraMapping, LoraWeights
 from server.model.config import ModelConfig
 from server.model.layers.attention import Attention
+from server.model.layers.lora import LayerLora
 from server.model.layers.mlp import MLP
 from server.model.layers.rmsnorm import RMSNorm
 from server.model.layers.rotary import RotaryEmbedding
@@ -29,9 +31,10 @@ class DecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
+        lora: LayerLora | None = None,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, kv_cache, metadata, lora)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden), lora)
 
 
 class LlamaModel(nn.Module):
@@ -57,12 +60,17 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         metadata: AttentionMetadata,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        lora_weights: list[dict[str, LoraWeights]] | None = None,
+        lora_mapping: LoraMapping | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions [num_tokens] -> hidden [num_tokens, hidden_size]; one cache pair per layer."""
+        """input_ids, positions [num_tokens] -> hidden [num_tokens, hidden_size]. One KV-cache pair and one set
+        of adapter slots per layer; `lora_mapping` says which tokens use which slot."""
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, rope, kv_cache, metadata)
+        use_lora = lora_weights is not None and lora_mapping is not None and not lora_mapping.empty
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            lora = LayerLora(lora_weights[index], lora_mapping) if use_lora else None
+            hidden = layer(hidden, rope, kv_cache, metadata, lora)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

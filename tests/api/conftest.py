@@ -1,4 +1,8 @@
-"""End-to-end fixtures: a real `loraserve serve` subprocess on a free port, and a reader of its metrics."""
+"""End-to-end fixtures: a real `loraserve serve` subprocess on a free port, and a reader of its metrics.
+
+Adapter tests run on a tiny random Llama (tests/model/helpers.py) so PEFT can check every answer quickly.
+"""
+import os
 import select
 import subprocess
 import sys
@@ -11,16 +15,24 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.api.auth import ADMIN_KEY_VARIABLE
+from tests.api.lora_helpers import ADMIN_KEY
+from tests.model.helpers import save_tiny_llama
+
 READY_PREFIX = "loraserve ready: "
 READY_TIMEOUT_S = 120
 # A short context makes "too long" cheap to send; a small cache keeps start-up quick.
 MAIN_FLAGS = ("--max-model-len", "256", "--num-kv-blocks", "96", "--seed", "0")
+# Two slots and three CPU copies for many adapters: requests wait for slots, and weights are read again from disk.
+ADAPTER_FLAGS = ("--max-model-len", "256", "--num-kv-blocks", "128", "--max-loras", "2", "--max-cpu-loras", "3",
+                 "--max-lora-rank", "16", "--max-adapter-bytes", "256KiB")
 
 
 @dataclass
 class Server:
     url: str
     log: Path
+    adapter_dir: Path
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """Every sample of /metrics, keyed by (name, sorted labels)."""
@@ -53,14 +65,20 @@ def wait_for_ready_line(process: subprocess.Popen, log: Path) -> str:
     raise TimeoutError(f"no ready line within {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-def start_server(log: Path, *flags: str) -> Iterator[Server]:
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", "embedded", "--port", "0",
-               "--log-level", "warning", *flags]
+def start_server(directory: Path, *flags: str, model: str = "embedded",
+                 admin_key: str | None = None) -> Iterator[Server]:
+    """A server whose log and adapters live in `directory`; the admin key is set only when given."""
+    log, adapter_dir = directory / "server.log", directory / "adapters"
+    command = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", "0", "--log-level",
+               "warning", "--adapter-dir", str(adapter_dir), *flags]
+    environment = {name: value for name, value in os.environ.items() if name != ADMIN_KEY_VARIABLE}
+    if admin_key is not None:
+        environment[ADMIN_KEY_VARIABLE] = admin_key
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True,
-                                   cwd=Path(__file__).parents[2])
+                                   cwd=Path(__file__).parents[2], env=environment)
     try:
-        yield Server(wait_for_ready_line(process, log), log)
+        yield Server(wait_for_ready_line(process, log), log, adapter_dir)
     finally:
         process.terminate()
         try:
@@ -73,12 +91,27 @@ def start_server(log: Path, *flags: str) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The server most tests share: greedy requests on it are deterministic."""
-    yield from start_server(tmp_path_factory.mktemp("server") / "server.log", *MAIN_FLAGS)
+    yield from start_server(tmp_path_factory.mktemp("server"), *MAIN_FLAGS)
 
 
 @pytest.fixture(scope="session")
 def tiny_queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One running request and one waiting at most, so a third is refused deterministically."""
-    yield from start_server(tmp_path_factory.mktemp("tiny_queue") / "server.log",
-                            "--max-model-len", "256", "--num-kv-blocks", "32", "--max-num-seqs", "1",
-                            "--max-queue", "1")
+    yield from start_server(tmp_path_factory.mktemp("tiny_queue"), "--max-model-len", "256", "--num-kv-blocks",
+                            "32", "--max-num-seqs", "1", "--max-queue", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)
+
+
+def start_adapter_server(directory: Path, model_dir: Path) -> Iterator[Server]:
+    """The tiny model, with an admin key."""
+    yield from start_server(directory, *ADAPTER_FLAGS, model=str(model_dir), admin_key=ADMIN_KEY)
+
+
+@pytest.fixture(scope="session")
+def adapter_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Server]:
+    """Shared by the adapter tests; each uploads adapters under names of its own."""
+    yield from start_adapter_server(tmp_path_factory.mktemp("adapter_server"), tiny_model_dir)

@@ -43,7 +43,7 @@ class FakeEngine:
         self.capacity = capacity
         self.streams: list[FakeStream] = []
 
-    def submit(self, prompt: list[int], params: SamplingParams, request_id: str) -> FakeStream:
+    def submit(self, prompt: list[int], params: SamplingParams, request_id: str, adapter: None) -> FakeStream:
         if len(self.streams) == self.capacity:
             raise QueueFullError("full")
         self.streams.append(FakeStream([output("a"), output("b", finished=True, reason="stop")], 0.001))
@@ -53,7 +53,7 @@ class FakeEngine:
 def test_a_refused_submission_aborts_the_requests_already_in():
     engine = FakeEngine(capacity=2)
     with pytest.raises(QueueFullError):
-        submit(engine, [[1], [2], [3]], [SamplingParams()] * 3, "id")
+        submit(engine, [[1], [2], [3]], [SamplingParams()] * 3, "id", None)
     assert [stream.aborts for stream in engine.streams] == [1, 1]
 
 

@@ -68,6 +68,19 @@ def test_streamed_chat_matches_the_whole_answer(client, model):
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(client, model):
+    messages = [{"role": "system", "content": "Answer in one word. " * 8}, *QUESTION]
+    first, second = (client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=2)
+                     for _ in range(2))
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < cached < second.usage.prompt_tokens
+    assert cached % 16 == 0  # whole blocks of the default --block-size
+    assert second.choices[0].message.content == first.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=2,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+
+
 def test_streamed_completion_ends_with_length(client, model):
     chunks = list(client.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=5, temperature=0,
                                             stream=True))

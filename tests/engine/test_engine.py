@@ -4,6 +4,7 @@ import pytest
 
 from server.engine.errors import RequestValidationError
 from server.engine.sampling_params import SamplingParams
+from tests.engine.helpers import run_staggered
 
 
 def make_workload(count: int, seed: int = 0) -> list[tuple[list[int], SamplingParams]]:
@@ -19,20 +20,6 @@ def make_workload(count: int, seed: int = 0) -> list[tuple[list[int], SamplingPa
 
 def run_alone(make_engine, workload) -> list[list[int]]:
     return [make_engine().generate([prompt], params)[0] for prompt, params in workload]
-
-
-def run_staggered(engine, workload, arrivals_per_step: int = 1) -> dict[str, list[int]]:
-    """Requests arrive a few per step while the engine runs; returns every request's output tokens."""
-    outputs: dict[str, list[int]] = {}
-    pending = list(enumerate(workload))
-    while pending or engine.has_unfinished_requests():
-        for index, (prompt, params) in pending[:arrivals_per_step]:
-            engine.add_request(str(index), prompt, params)
-            outputs[str(index)] = []
-        pending = pending[arrivals_per_step:]
-        for output in engine.step():
-            outputs[output.request_id].extend(output.token_ids)
-    return outputs
 
 
 @pytest.mark.parametrize("num_kv_blocks", [256, 24], ids=["ample-cache", "preempting-cache"])

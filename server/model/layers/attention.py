@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from server.model.layers.lora import LayerLora, project
 from server.model.layers.rotary import apply_rotary
 
 
@@ -25,13 +26,15 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
+        lora: LayerLora | None = None,
     ) -> torch.Tensor:
         """hidden [num_tokens, hidden_size] -> [num_tokens, hidden_size]; writes this layer's cache slots."""
-        query, key, value = self.qkv_proj(hidden).split([self.query_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = project(self.qkv_proj, hidden, lora, "qkv_proj")
+        query, key, value = qkv.split([self.query_size, self.kv_size, self.kv_size], dim=-1)
         query = apply_rotary(query.view(-1, self.num_heads, self.head_dim), *rope)
         key = apply_rotary(key.view(-1, self.num_kv_heads, self.head_dim), *rope)
         value = value.view(-1, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         output = paged_attention(query, key_cache, value_cache, metadata, self.scale)
-        return self.o_proj(output.reshape(-1, self.query_size))
+        return project(self.o_proj, output.reshape(-1, self.query_size), lora, "o_proj")

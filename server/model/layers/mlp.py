@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.model.layers.lora import LayerLora, project
+
 
 class MLP(nn.Module):
     """down(silu(gate(x)) * up(x)); `gate_up_proj` holds the gate rows first, then the up rows."""
@@ -12,6 +14,6 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, hidden: torch.Tensor, lora: LayerLora | None = None) -> torch.Tensor:
+        gate, up = project(self.gate_up_proj, hidden, lora, "gate_up_proj").chunk(2, dim=-1)
+        return project(self.down_proj, F.silu(gate) * up, lora, "down_proj")

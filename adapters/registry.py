@@ -1,0 +1,247 @@
+"""Which adapters exist, which version a name means now, and in which tier each version's weights sit.
+
+Tiers: disk (every adapter), a CPU cache of loaded weights (LRU, `max_cpu_loras`), and the SlotPool's device
+slots (LRU). A request keeps the version it resolved to its end, through uploads and removals:
+    ref = resolve(name)  pins the version; ensure_loaded(ref) then reads it into the CPU cache (blocking)
+    acquire(ref)         references its slot while the request is in the running batch; release(ref) after
+    unpin(ref)           once per resolve (or pin), when the request is over: finished, aborted or refused
+Uploading a new version or removing a name changes what `resolve` returns at once; the old version is freed
+(files, CPU copy, slot) when its last pin and slot reference are gone. Callers come from the event loop, worker
+threads and the engine's step thread, so all state sits behind one lock; disk reads happen outside it.
+"""
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.errors import AdapterError, AdapterNotFoundError
+from adapters.format import AdapterInfo, BaseModelShape, LoraAdapter, load_adapter
+from adapters.slot_pool import SlotPool
+from adapters.store import AdapterStore, StoredAdapter, validate_name
+from adapters.tiers import AdapterEventListener, AdapterTiers
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    name: str
+    version: int
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    name: str
+    version: int
+    rank: int
+    alpha: float
+    targets: list[str]
+    size_bytes: int
+    tier: str  # the highest it sits in: "disk", "cpu" or "gpu"
+    requests_served: int  # since this process started
+    created_at: float
+
+
+@dataclass
+class _Version:
+    info: AdapterInfo
+    directory: Path  # moves out of the name's directory when the version is replaced or removed
+    created_at: float
+    current: bool = True  # what `resolve` returns for its name
+    pins: int = 0  # requests that resolved it and are not over
+    references: int = 0  # acquires not yet released
+    requests_served: int = 0
+
+
+class AdapterRegistry:
+    def __init__(self, adapter_dir: Path, base: BaseModelShape, pool: SlotPool, max_cpu_loras: int,
+                 max_rank: int, listener: AdapterEventListener | None = None) -> None:
+        self._store = AdapterStore(adapter_dir)
+        self._base, self._max_rank = base, max_rank
+        self._lock = threading.Lock()
+        self._versions: dict[AdapterRef, _Version] = {}  # current versions, and old ones still in use
+        self._current: dict[str, AdapterRef] = {}
+        self._last_version: dict[str, int] = {}  # never reuse a version number a request may still hold
+        self._tiers = AdapterTiers(pool, max_cpu_loras, lambda ref: self._versions[ref].references > 0, listener)
+        for stored in self._store.scan(base, max_rank):
+            self._register(stored)
+
+    def resolve(self, name: str) -> AdapterRef:
+        """The version a new request of this name uses, pinned until `unpin`."""
+        with self._lock:
+            ref = self._current_ref(name)
+            self._versions[ref].pins += 1
+            return ref
+
+    def pin(self, ref: AdapterRef) -> None:
+        """One more pin on a version the caller holds pinned, for another request that shares its resolve."""
+        with self._lock:
+            self._version(ref).pins += 1
+
+    def unpin(self, ref: AdapterRef) -> None:
+        with self._lock:
+            entry = self._versions.get(ref)
+            assert entry is not None and entry.pins > 0, f"unpin of {ref} without a matching resolve"
+            entry.pins -= 1
+            self._free_if_unused(ref)
+
+    def records(self) -> list[AdapterRecord]:
+        with self._lock:
+            return [self._record(ref) for _, ref in sorted(self._current.items())]
+
+    def record(self, name: str) -> AdapterRecord:
+        with self._lock:
+            return self._record(self._current_ref(name))
+
+    def count_request(self, ref: AdapterRef) -> None:
+        with self._lock:
+            if ref in self._versions:
+                self._versions[ref].requests_served += 1
+
+    def add(self, name: str, source: Path) -> AdapterRecord:
+        """Validate the adapter in `source` and place it as the name's next version; its files are moved out
+        of `source` (an upload's scratch directory), and a failed add leaves nothing behind."""
+        return self._add(name, source, move=True)
+
+    def add_from_path(self, name: str, path: Path) -> AdapterRecord:
+        """Like `add`, but copies the files, leaving the server-side directory `path` as it was."""
+        return self._add(name, path, move=False)
+
+    def remove(self, name: str) -> None:
+        """New requests stop finding the name now; versions still in use are freed when they no longer are."""
+        with self._lock:
+            ref = self._current_ref(name)
+            del self._current[name]
+            self._retire(ref)
+            self._store.delete(name)
+
+    def ensure_loaded(self, ref: AdapterRef) -> None:
+        """Bring the version into the CPU cache, reading disk if needed; blocks, so call it off the event loop.
+        A version already in a slot counts as loaded."""
+        with self._lock:
+            self._version(ref)
+            if self._tiers.slot(ref) is not None:
+                return
+        self._load(ref)
+
+    def acquire(self, ref: AdapterRef) -> int | None:
+        """The version's slot, writing it into a free or the least recently used unreferenced slot if it is in
+        none; None while every slot is referenced. Reads disk only if the CPU copy was evicted since
+        `ensure_loaded`. Raises AdapterNotFoundError for a replaced or removed version nobody pinned."""
+        with self._lock:
+            slot = self._hold_slot(ref, adapter=None)
+            if slot is not None or not self._tiers.can_place():
+                return slot
+        adapter = self._load(ref)
+        with self._lock:
+            return self._hold_slot(ref, adapter)
+
+    def release(self, ref: AdapterRef) -> None:
+        with self._lock:
+            entry = self._versions.get(ref)
+            assert entry is not None and entry.references > 0, f"release of {ref} without a matching acquire"
+            entry.references -= 1
+            self._free_if_unused(ref)
+
+    def slots_in_use(self) -> int:
+        """Slots holding some adapter, referenced or kept warm."""
+        with self._lock:
+            return self._tiers.slots_in_use()
+
+    def num_references(self) -> int:
+        """Acquires not yet released: zero when no running request holds a slot."""
+        with self._lock:
+            return sum(entry.references for entry in self._versions.values())
+
+    def num_pins(self) -> int:
+        """Resolves not yet unpinned: zero when no request is under way."""
+        with self._lock:
+            return sum(entry.pins for entry in self._versions.values())
+
+    def _add(self, name: str, source: Path, move: bool) -> AdapterRecord:
+        validate_name(name)
+        staging = self._store.stage(source, move)
+        start = time.perf_counter()
+        try:
+            adapter = load_adapter(staging, self._base, self._max_rank)
+        except AdapterError:
+            self._store.discard(staging)
+            raise
+        seconds = time.perf_counter() - start
+        with self._lock:
+            version = max([self._last_version.get(name, 0), *self._store.versions(name)]) + 1
+            replaced = self._current.get(name)
+            ref = self._register(self._store.commit(staging, name, version, adapter.info()))
+            self._tiers.keep_cpu_copy(ref, adapter, seconds)  # an upload is usually used next
+            if replaced is not None:
+                self._retire(replaced)
+            return self._record(ref)
+
+    def _register(self, stored: StoredAdapter) -> AdapterRef:
+        ref = AdapterRef(stored.name, stored.version)
+        self._versions[ref] = _Version(stored.info, stored.directory, stored.created_at)
+        self._current[stored.name] = ref
+        self._last_version[stored.name] = stored.version
+        return ref
+
+    def _current_ref(self, name: str) -> AdapterRef:
+        if name not in self._current:
+            raise AdapterNotFoundError(f"no adapter named {name!r}")
+        return self._current[name]
+
+    def _version(self, ref: AdapterRef) -> _Version:
+        if ref not in self._versions:
+            raise AdapterNotFoundError(f"adapter {ref.name!r} version {ref.version} was replaced or removed")
+        return self._versions[ref]
+
+    def _retire(self, ref: AdapterRef) -> None:
+        entry = self._versions[ref]
+        entry.current = False
+        entry.directory = self._store.retire(entry.directory)
+        self._free_if_unused(ref)
+
+    def _free_if_unused(self, ref: AdapterRef) -> None:
+        entry = self._versions[ref]
+        if entry.current or entry.pins or entry.references:
+            return
+        self._tiers.drop(ref)
+        del self._versions[ref]
+        self._store.discard(entry.directory)
+
+    def _hold_slot(self, ref: AdapterRef, adapter: LoraAdapter | None) -> int | None:
+        """The version's slot, referenced once more; `adapter` is placed first if given and the version has none."""
+        entry = self._version(ref)
+        slot = self._tiers.slot(ref)
+        if slot is None and adapter is not None:
+            slot = self._tiers.place(ref, adapter)
+        if slot is not None:
+            entry.references += 1
+        return slot
+
+    def _load(self, ref: AdapterRef) -> LoraAdapter:
+        """The CPU copy; when the cache has none, read from disk outside the lock (a slow load blocks no one)."""
+        with self._lock:
+            directory = self._version(ref).directory
+            adapter = self._tiers.cpu_copy(ref)
+        if adapter is not None:
+            return adapter
+        start = time.perf_counter()
+        adapter = self._read(ref, directory)
+        with self._lock:
+            self._version(ref)
+            self._tiers.keep_cpu_copy(ref, adapter, time.perf_counter() - start)
+        return adapter
+
+    def _read(self, ref: AdapterRef, directory: Path) -> LoraAdapter:
+        """A version retired while it was read has moved (it moves once), so read it again where it went."""
+        try:
+            return load_adapter(directory, self._base, self._max_rank)
+        except AdapterError:
+            with self._lock:
+                moved_to = self._version(ref).directory  # freed meanwhile: report that, not the files it lost
+            if moved_to == directory:
+                raise
+            return load_adapter(moved_to, self._base, self._max_rank)
+
+    def _record(self, ref: AdapterRef) -> AdapterRecord:
+        entry = self._versions[ref]
+        return AdapterRecord(ref.name, ref.version, entry.info.rank, entry.info.alpha, list(entry.info.targets),
+                             entry.info.size_bytes, self._tiers.tier(ref), entry.requests_served, entry.created_at)

@@ -1,0 +1,62 @@
+"""LoRA for a batch where every token may use a different adapter: y += s_i * (x A_i^T) B_i^T.
+
+Adapters live in preallocated slots, stacked and zero-padded to the largest rank, so a fused projection
+(q/k/v, gate/up) keeps one shrink matrix per slot with each slice's rank block side by side. Tokens are grouped
+by slot once per step (`LoraMapping`); each layer then runs one shrink and one expand per active slot.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LoraWeights:
+    """One projection's adapter slots."""
+
+    lora_a: torch.Tensor  # [num_slots, num_slices * max_rank, in_features]: slice i's A in rank block i
+    lora_b: torch.Tensor  # [num_slots, out_features, max_rank]: slice i's B in its own output rows
+    scales: torch.Tensor  # [num_slots] float32: alpha / rank (or alpha / sqrt(rank) with rsLoRA)
+    slice_sizes: list[int]  # output columns of each slice, in order (q, k, v), (gate, up) or one
+
+    @property
+    def max_rank(self) -> int:
+        return self.lora_b.shape[2]
+
+
+@dataclass
+class LoraMapping:
+    """Which tokens of the flat batch use which slot; tokens with no adapter are in no group."""
+
+    groups: list[tuple[int, torch.Tensor]]  # (slot, row indices of its tokens), one entry per active slot
+
+    @classmethod
+    def from_token_slots(cls, token_slots: list[int], device: torch.device) -> "LoraMapping":
+        """token_slots: one slot per token, -1 for none."""
+        rows_by_slot: dict[int, list[int]] = {}
+        for row, slot in enumerate(token_slots):
+            if slot >= 0:
+                rows_by_slot.setdefault(slot, []).append(row)
+        groups = [(slot, torch.tensor(rows, dtype=torch.int64, device=device))
+                  for slot, rows in sorted(rows_by_slot.items())]
+        return cls(groups)
+
+    @property
+    def empty(self) -> bool:
+        return not self.groups
+
+
+def add_lora(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
+    """Add every token's adapter delta to output [num_tokens, out_features] in place; x is [num_tokens, in]."""
+    add_lora_reference(output, x, weights, mapping)
+
+
+def add_lora_reference(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
+    """Plain torch: per active slot, gather its tokens, shrink, expand each slice, scatter-add back."""
+    rank = weights.max_rank
+    for slot, rows in mapping.groups:
+        shrunk = x.index_select(0, rows) @ weights.lora_a[slot].T  # [n, num_slices * rank]
+        delta = torch.cat([
+            shrunk[:, index * rank:(index + 1) * rank] @ lora_b.T
+            for index, lora_b in enumerate(weights.lora_b[slot].split(weights.slice_sizes, dim=0))
+        ], dim=1)
+        output.index_add_(0, rows, delta * weights.scales[slot])

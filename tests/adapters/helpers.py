@@ -1,0 +1,50 @@
+"""Tiny random Llama LoRA adapters, made and saved by PEFT itself, and readers of what PEFT saved."""
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from adapters.format import BaseModelShape
+
+BASE = BaseModelShape.for_llama(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
+                                head_dim=16)
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def make_peft_model(seed: int = 0, rank: int = 4, alpha: float = 8, targets: Any = ("q_proj", "v_proj"),
+                    **options: Any) -> PeftModel:
+    """init_lora_weights=False makes B random too, so every adapter changes the output."""
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    target_modules = targets if isinstance(targets, str) else list(targets)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=False, **options)
+    return get_peft_model(base, config)
+
+
+def save_peft_adapter(directory: Path, **settings: Any) -> Path:
+    make_peft_model(**settings).save_pretrained(directory)
+    return directory
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / WEIGHTS)
+
+
+def write_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(tensors, directory / WEIGHTS, metadata={"format": "pt"})
+
+
+def edit_config(directory: Path, **changes: Any) -> None:
+    path = directory / CONFIG
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def tensor_name(layer: int, target: str, matrix: str) -> str:
+    parent = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"base_model.model.model.layers.{layer}.{parent}.{target}.lora_{matrix}.weight"
