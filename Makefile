@@ -31,7 +31,7 @@ test: $(VENV)/.test
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.test
-	$(PYTHON) benchmarks/serve_throughput.py
+	$(PYTHON) -m benchmarks.serve_throughput
 
 clean:
 	rm -rf $(VENV)

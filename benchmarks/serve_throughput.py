@@ -1,6 +1,6 @@
 """Output tokens/s of the HTTP server against transformers' batched `generate`, on the embedded model.
 
-Usage: python benchmarks/serve_throughput.py [--requests 16] [--max-tokens 128] [--out benchmarks/out]
+Usage: python -m benchmarks.serve_throughput [--requests 16] [--max-tokens 128] [--out benchmarks/out]
 Prints a table, writes serve_throughput.json and serve_throughput.png under --out.
 """
 import argparse
