@@ -31,6 +31,22 @@ def write_kv_cache(
 ) -> None:
     """Store new keys/values [num_tokens, kv_heads, head_dim] into caches [num_blocks, block_size, kv_heads,
     head_dim] at their slots; a negative slot marks padding and is skipped."""
+    if key.is_cuda:
+        # Imported here so the CPU server never needs a working Triton.
+        from kernels.triton_kv_write import write_kv_cache_triton
+        write_kv_cache_triton(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        write_kv_cache_reference(key, value, key_cache, value_cache, slot_mapping)
+
+
+def write_kv_cache_reference(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Plain torch: one masked scatter into the caches viewed as flat slot rows."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     key_cache.view(-1, *key_cache.shape[2:])[slots] = key[valid]
@@ -48,6 +64,9 @@ def paged_attention(
 
     The new tokens' keys/values must already be written to the cache. Returns [num_tokens, heads, head_dim].
     """
+    if query.is_cuda:
+        from kernels.triton_paged_attention import paged_attention_triton
+        return paged_attention_triton(query, key_cache, value_cache, metadata, scale)
     return paged_attention_reference(query, key_cache, value_cache, metadata, scale)
 
 

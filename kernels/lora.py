@@ -5,6 +5,7 @@ Adapters live in preallocated slots, stacked and zero-padded to the largest rank
 by slot once per step (`LoraMapping`); each layer then runs one shrink and one expand per active slot.
 """
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -21,6 +22,11 @@ class LoraWeights:
     @property
     def max_rank(self) -> int:
         return self.lora_b.shape[2]
+
+    @cached_property
+    def slice_ends(self) -> torch.Tensor:
+        """[num_slices] int32 on the weights' device: cumulative slice sizes, made once for the kernels."""
+        return torch.tensor(self.slice_sizes, dtype=torch.int32).cumsum(0).int().to(self.lora_b.device)
 
 
 @dataclass
@@ -44,9 +50,28 @@ class LoraMapping:
     def empty(self) -> bool:
         return not self.groups
 
+    @property
+    def max_group_len(self) -> int:
+        return max(rows.shape[0] for _, rows in self.groups)
+
+    @cached_property
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The groups flattened once per step for the kernels: token rows sorted by group, group start offsets
+        into them ([num_groups + 1] int32) and each group's slot ([num_groups] int32)."""
+        device = self.groups[0][1].device
+        sorted_rows = torch.cat([rows for _, rows in self.groups])
+        starts = torch.tensor([0] + [rows.shape[0] for _, rows in self.groups]).cumsum(0).int().to(device)
+        slots = torch.tensor([slot for slot, _ in self.groups], dtype=torch.int32).to(device)
+        return sorted_rows, starts, slots
+
 
 def add_lora(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
     """Add every token's adapter delta to output [num_tokens, out_features] in place; x is [num_tokens, in]."""
+    if output.is_cuda:
+        # Imported here so the CPU server never needs a working Triton.
+        from kernels.triton_lora import add_lora_triton
+        add_lora_triton(output, x, weights, mapping)
+        return
     add_lora_reference(output, x, weights, mapping)
 
 

@@ -1,0 +1,67 @@
+"""The Triton grouped LoRA shrink/expand against a float64 per-token computation."""
+import pytest
+import torch
+
+from kernels.lora import LoraMapping, LoraWeights
+from kernels.triton_lora import add_lora_triton
+from tests.kernels.helpers import relative_error
+
+
+def check_lora(token_slots: list[int], in_features: int, slice_sizes: list[int], rank: int, num_slots: int,
+               dtype: torch.dtype, device: str, tolerance: float) -> None:
+    generator = torch.Generator().manual_seed(len(token_slots) + rank)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
+
+    num_slices, out_features = len(slice_sizes), sum(slice_sizes)
+    weights = LoraWeights(
+        lora_a=rand(num_slots, num_slices * rank, in_features) / in_features**0.5,
+        lora_b=rand(num_slots, out_features, rank),
+        scales=(torch.rand(num_slots, generator=generator) + 0.5).to(device),
+        slice_sizes=slice_sizes,
+    )
+    x = rand(len(token_slots), in_features)
+    base = rand(len(token_slots), out_features)
+    output = base.clone()
+    add_lora_triton(output, x, weights, LoraMapping.from_token_slots(token_slots, torch.device(device)))
+
+    expected = base.cpu().double()
+    lora_a, lora_b = weights.lora_a.cpu().double(), weights.lora_b.cpu().double()
+    for token, slot in enumerate(token_slots):
+        if slot < 0:
+            continue
+        shrunk = lora_a[slot] @ x[token].cpu().double()
+        column = 0
+        for index, size in enumerate(slice_sizes):
+            rank_block = shrunk[index * rank:(index + 1) * rank]
+            expected[token, column:column + size] += weights.scales[slot].item() * (
+                lora_b[slot, column:column + size] @ rank_block)
+            column += size
+    assert relative_error(output.cpu(), expected) < tolerance
+    # Tokens without an adapter are left exactly as they were.
+    no_adapter = torch.tensor([slot < 0 for slot in token_slots])
+    assert torch.equal(output.cpu()[no_adapter], base.cpu()[no_adapter])
+
+
+@pytest.mark.parametrize("slice_sizes, rank", [
+    ([48, 16, 16], 8),  # fused q/k/v, rank padded inside the kernel
+    ([70], 4),  # one slice, out_features not a multiple of the tile
+])
+def test_mixed_adapters(slice_sizes: list[int], rank: int) -> None:
+    token_slots = [2, -1, 0, 2, 2, 1, -1, 0] + [2] * 13 + [-1, 1]
+    check_lora(token_slots, 100, slice_sizes, rank, 3, torch.float32, "cpu", 1e-5)
+
+
+def test_single_group_over_one_row_tile() -> None:
+    check_lora([1] * 19 + [-1], 24, [16, 16], 16, 2, torch.float32, "cpu", 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestOnGpu:
+    @pytest.mark.parametrize("slice_sizes, rank", [([576, 192, 192], 16), ([1536, 1536], 8), ([576], 64)])
+    def test_mixed_adapters_bfloat16(self, slice_sizes: list[int], rank: int) -> None:
+        generator = torch.Generator().manual_seed(rank)
+        token_slots = torch.randint(-1, 4, (300,), generator=generator).tolist()
+        check_lora(token_slots, 576, slice_sizes, rank, 4, torch.bfloat16, "cuda", 1e-2)
