@@ -15,6 +15,9 @@ import uvicorn
 
 from server.config import ServerConfig
 
+if typing.TYPE_CHECKING:  # torch loads only when serving
+    from server.engine.async_engine import AsyncEngine
+
 HELP = {
     "model": "'embedded' (the bundled SmolLM2-135M-Instruct), a Hugging Face model directory, or a .gguf file",
     "served_model_name": "the model name clients send and see (default: the model's own name)",
@@ -36,11 +39,14 @@ HELP = {
     "max_cpu_loras": "adapters kept loaded in CPU memory, least recently used evicted first",
     "max_lora_rank": "largest LoRA rank accepted; slots are padded to it",
     "max_adapter_bytes": "largest adapter upload accepted: bytes, or a size such as 256MiB",
+    "shutdown_timeout": "seconds running requests get to finish after SIGTERM before they are stopped; new "
+                        "requests get 503 meanwhile",
 }
 CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16")}
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
               "t": 2**40, "tib": 2**40}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+FINAL_EVENTS_GRACE_S = 5.0
 logger = logging.getLogger("loraserve")
 
 
@@ -93,6 +99,20 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServerConfig)})
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that on SIGTERM the engine drains before uvicorn closes connections: uvicorn would cancel
+    streams mid-write once its own timeout passed, while a drained engine ends each one with an error event."""
+
+    def __init__(self, config: uvicorn.Config, engine: "AsyncEngine", shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.shutdown_timeout = shutdown_timeout
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        await self.engine.drain(self.shutdown_timeout)
+        await super().shutdown(sockets)
+
+
 async def serve_until_stopped(server: uvicorn.Server, host: str) -> None:
     """Run uvicorn; announce the address on stdout once it accepts connections."""
     serving = asyncio.create_task(server.serve())
@@ -121,8 +141,10 @@ def serve(args: argparse.Namespace) -> None:
     engine = AsyncEngine.from_config(config, metrics)
     app = create_app(engine, metrics, config, admin_key)
     # log_config=None: uvicorn logs through the root logger to stderr; stdout carries only the ready line.
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
-                                           log_config=None))
+    # After the drain only final events are left to send; the grace bound covers a client that stops reading.
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
+                                           log_config=None, timeout_graceful_shutdown=FINAL_EVENTS_GRACE_S),
+                            engine, config.shutdown_timeout)
     asyncio.run(serve_until_stopped(server, config.host))
 
 

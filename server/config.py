@@ -26,3 +26,4 @@ class ServerConfig:
     max_cpu_loras: int = 32  # adapters kept loaded in CPU memory (LRU)
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 << 20  # largest accepted upload
+    shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM

@@ -2,13 +2,23 @@
 
 Each server owns its registry, so several servers (tests) can live in one process.
 """
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+# Every counter and histogram would otherwise add a `_created` series, which Prometheus 2 stores as one more gauge.
+disable_created_metrics()
 
 MAX_ADAPTER_LABELS = 100  # per-adapter series beyond this would explode Prometheus' cardinality
+ADAPTER_TIERS = ("disk", "cpu", "gpu")
+# Waits that are short when the server keeps up: first tokens, queueing, prefill, adapter loads.
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                    80.0, 160.0)
+# Whole requests and their decode phase: a long answer takes minutes.
+REQUEST_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
                          5.0)
+STEP_TOKEN_BUCKETS = tuple(float(2**power) for power in range(15))  # 1 to 16384 tokens
 
 
 class Metrics:
@@ -34,14 +44,30 @@ class Metrics:
         self.inter_token_latency = Histogram(
             "loraserve:inter_token_latency_seconds", "Between two consecutive generated tokens of a request.",
             buckets=TOKEN_LATENCY_BUCKETS, registry=registry)
+        self.time_per_output_token = Histogram(
+            "loraserve:request_time_per_output_token_seconds",
+            "Per finished request of two tokens or more: from its first token to its last, over its tokens after "
+            "the first.", buckets=TOKEN_LATENCY_BUCKETS, registry=registry)
         self.e2e_latency = Histogram(
             "loraserve:e2e_request_latency_seconds", "From arrival to the last token.",
-            buckets=LATENCY_BUCKETS, registry=registry)
+            buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
         self.queue_time = Histogram(
             "loraserve:request_queue_time_seconds", "From arrival to the first scheduled step.",
             buckets=LATENCY_BUCKETS, registry=registry)
+        self.prefill_time = Histogram(
+            "loraserve:request_prefill_time_seconds", "From the first scheduled step to the first token.",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.decode_time = Histogram(
+            "loraserve:request_decode_time_seconds", "From the first token to the last, per finished request.",
+            buckets=REQUEST_LATENCY_BUCKETS, registry=registry)
+        self.step_tokens = Histogram(
+            "loraserve:iteration_tokens_total", "Tokens computed per engine step, prompt and generated.",
+            buckets=STEP_TOKEN_BUCKETS, registry=registry)
         self.running = Gauge("loraserve:num_requests_running", "Requests in the running batch.", registry=registry)
         self.waiting = Gauge("loraserve:num_requests_waiting", "Requests waiting to be scheduled.",
+                             registry=registry)
+        self.swapped = Gauge("loraserve:num_requests_swapped",
+                             "Always 0: preemption recomputes, nothing is swapped to CPU (kept for dashboards).",
                              registry=registry)
         self.kv_cache_usage = Gauge("loraserve:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
                                     registry=registry)
@@ -67,6 +93,30 @@ class Metrics:
         self.adapter_labels: set[str] = set()
         self.adapter_slots_in_use = Gauge("loraserve:adapter_slots_in_use", "Adapter slots held by some adapter.",
                                           registry=registry)
+        self.adapters_loaded = Gauge("loraserve:adapters_loaded",
+                                     "Current adapter versions, by the highest tier they sit in (disk, cpu, gpu).",
+                                     ["tier"], registry=registry)
+
+    def first_token(self, arrival: float, first_scheduled: float, now: float) -> None:
+        """A request's first token ends its queueing and prefill phases (times from time.monotonic())."""
+        self.time_to_first_token.observe(now - arrival)
+        self.queue_time.observe(first_scheduled - arrival)
+        self.prefill_time.observe(now - first_scheduled)
+
+    def request_done(self, arrival: float, first_token: float, last_token: float, num_output_tokens: int) -> None:
+        """The whole-request latencies of a request that finished on its own (not aborted)."""
+        self.e2e_latency.observe(last_token - arrival)
+        self.decode_time.observe(last_token - first_token)
+        if num_output_tokens > 1:
+            self.time_per_output_token.observe((last_token - first_token) / (num_output_tokens - 1))
+
+    def count_adapter_tiers(self, tiers: Iterable[str]) -> None:
+        """Refresh `adapters_loaded` from the tier of every current adapter version (at scrape time)."""
+        counts = dict.fromkeys(ADAPTER_TIERS, 0)
+        for tier in tiers:
+            counts[tier] = counts.get(tier, 0) + 1
+        for tier, count in counts.items():
+            self.adapters_loaded.labels(tier=tier).set(count)
 
     def adapter_loaded(self, tier: str, seconds: float) -> None:
         """Called by the adapter registry (it knows nothing of Prometheus)."""

@@ -28,10 +28,13 @@ def package_version() -> str:
 
 @router.get("/health")
 async def health(engine: AsyncEngine = Depends(engine_of)) -> JSONResponse:
-    """200 while the engine loop runs; 503 once it died, so an orchestrator restarts the server."""
-    if engine.healthy:
-        return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "engine dead"}, status_code=503)
+    """200 while the engine loop runs; 503 once it died, so an orchestrator restarts the server, or while it
+    shuts down, so a load balancer stops sending it requests."""
+    if not engine.healthy:
+        return JSONResponse({"status": "engine dead"}, status_code=503)
+    if engine.draining:
+        return JSONResponse({"status": "shutting down"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/info")
@@ -63,6 +66,7 @@ async def metrics_text(request: Request, engine: AsyncEngine = Depends(engine_of
     metrics.waiting.set(stats.num_waiting)
     metrics.kv_cache_usage.set(1.0 - stats.num_free_blocks / stats.num_total_blocks)
     metrics.adapter_slots_in_use.set(engine.adapters.slots_in_use())
+    metrics.count_adapter_tiers(record.tier for record in engine.adapters.records())
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from adapters.errors import AdapterFormatError, AdapterNameError, AdapterNotFoundError, AdapterTooLargeError
-from server.engine.errors import EngineDeadError, QueueFullError, RequestValidationError
+from server.engine.errors import EngineDeadError, QueueFullError, RequestValidationError, ShuttingDownError
 from server.metrics import Metrics
 from server.model.errors import ChatTemplateError
 
@@ -77,6 +77,7 @@ KINDS: dict[type[Exception], ErrorKind] = {
     UnauthorizedError: ErrorKind(401, "authentication_error", 401, "unauthorized", "unauthorized"),
     QueueFullError: ErrorKind(429, "rate_limit_error", 429, "overloaded", "queue_full"),
     EngineDeadError: ErrorKind(503, "service_unavailable", 424, "generation", "engine_dead"),
+    ShuttingDownError: ErrorKind(503, "service_unavailable", 503, "overloaded", "shutting_down"),
     GenerationAbortedError: ErrorKind(500, "internal_error", 424, "generation", None),
     ClientDisconnectedError: DISCONNECTED,
     ClientDisconnect: DISCONNECTED,  # Starlette's, raised while an upload's body is read

@@ -15,6 +15,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.responses import Response
 
 from server.api.errors import error_body
+from server.engine.errors import ShuttingDownError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ async def sse_events(chunks: AsyncIterator[dict], openai: bool) -> AsyncIterator
             async for chunk in chunks:
                 yield ServerSentEvent(data=chunk)
     except Exception as error:
-        logger.exception("a stream failed after it started")
+        if not isinstance(error, ShuttingDownError):  # an expected end, not a fault to investigate
+            logger.exception("a stream failed after it started")
         yield ServerSentEvent(data=error_body(error, openai))
     if openai:
         yield ServerSentEvent(raw_data="[DONE]")

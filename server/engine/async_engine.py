@@ -16,7 +16,7 @@ import torch
 from adapters.registry import AdapterRef
 from server.config import ServerConfig
 from server.engine.engine import LLMEngine
-from server.engine.errors import EngineDeadError, QueueFullError
+from server.engine.errors import EngineDeadError, QueueFullError, ShuttingDownError
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.metrics import Metrics
@@ -91,6 +91,7 @@ class AsyncEngine:
         self.max_queue = max_queue
         self.adapters = engine.adapters
         self.healthy = True
+        self.draining = False  # set once shutdown begins: new requests are refused
         self._streams: dict[str, RequestStream] = {}
         self._pending_adds: list[tuple[str, list[int], SamplingParams, AdapterRef | None]] = []
         self._pending_aborts: list[str] = []
@@ -107,6 +108,20 @@ class AsyncEngine:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="loraserve-engine")
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests, give running ones `timeout` seconds to finish, then end the rest with an error
+        their streams report, so each client sees a clean end rather than a cut connection."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._streams and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._streams:
+            logger.warning("shutdown: aborting %d requests still running after %.1f s", len(self._streams), timeout)
+        for request_id, stream in list(self._streams.items()):
+            stream.put(ShuttingDownError("the server is shutting down; the request was stopped"))
+            self._abort(request_id)
 
     async def shutdown(self) -> None:
         if self._task is not None:
@@ -132,6 +147,8 @@ class AsyncEngine:
         """Queue a request; raises RequestValidationError, QueueFullError or EngineDeadError at once."""
         if not self.healthy:
             raise EngineDeadError("the engine stopped after an internal error")
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down; send the request to another replica")
         self.engine.validate(prompt_token_ids, params)
         if len(self.engine.scheduler.waiting) + len(self._pending_adds) >= self.max_queue:
             raise QueueFullError(f"{self.max_queue} requests are already waiting; try again later")

@@ -105,6 +105,7 @@ class LLMEngine:
         self.metrics.preemptions.inc(batch.num_preempted)
         outputs = []
         if not batch.empty:
+            self.metrics.step_tokens.observe(sum(batch.num_new_tokens))
             logits, sampling = self.runner.execute(batch)
             for sequence, num_new in zip(batch.sequences, batch.num_new_tokens):
                 sequence.num_computed_tokens += num_new
@@ -138,16 +139,17 @@ class LLMEngine:
     def _record_token_timing(self, sequence: Sequence) -> None:
         now = time.monotonic()
         self.metrics.generation_tokens.inc()
-        if sequence.last_token_time is None:
-            self.metrics.time_to_first_token.observe(now - sequence.arrival_time)
-            self.metrics.queue_time.observe(sequence.first_scheduled_time - sequence.arrival_time)
+        if sequence.first_token_time is None:
+            sequence.first_token_time = now
+            self.metrics.first_token(sequence.arrival_time, sequence.first_scheduled_time, now)
         else:
             self.metrics.inter_token_latency.observe(now - sequence.last_token_time)
         sequence.last_token_time = now
 
     def _record_finish(self, sequence: Sequence) -> None:
         self.metrics.requests_finished.labels(finished_reason=sequence.finish_reason).inc()
-        self.metrics.e2e_latency.observe(time.monotonic() - sequence.arrival_time)
+        self.metrics.request_done(sequence.arrival_time, sequence.first_token_time, sequence.last_token_time,
+                                  sequence.num_output_tokens)
 
     def _update_gauges(self) -> None:
         self.metrics.running.set(len(self.scheduler.running))

@@ -15,3 +15,7 @@ class QueueFullError(EngineError):
 
 class EngineDeadError(EngineError):
     """The engine loop stopped on an internal error; no request can be served."""
+
+
+class ShuttingDownError(EngineError):
+    """The server is stopping: it takes no new requests, and ends those still running past the grace period."""

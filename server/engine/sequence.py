@@ -50,6 +50,7 @@ class Sequence:
     stop_reason: str | int | None = None
     detokenizer: DetokenizerState = field(default_factory=DetokenizerState)
     first_scheduled_time: float | None = None
+    first_token_time: float | None = None
     last_token_time: float | None = None
 
     @property

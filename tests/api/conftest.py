@@ -26,6 +26,9 @@ MAIN_FLAGS = ("--max-model-len", "256", "--num-kv-blocks", "96", "--seed", "0")
 # Two slots and three CPU copies for many adapters: requests wait for slots, and weights are read again from disk.
 ADAPTER_FLAGS = ("--max-model-len", "256", "--num-kv-blocks", "128", "--max-loras", "2", "--max-cpu-loras", "3",
                  "--max-lora-rank", "16", "--max-adapter-bytes", "256KiB")
+# Eight KV blocks of 16 tokens and one adapter slot: a little traffic preempts requests and evicts adapters.
+METRICS_FLAGS = ("--max-model-len", "128", "--num-kv-blocks", "8", "--max-loras", "1", "--max-cpu-loras", "1",
+                 "--max-lora-rank", "16", "--max-adapter-bytes", "256KiB")
 
 
 @dataclass
@@ -104,6 +107,14 @@ def tiny_queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def metrics_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Server]:
+    """The tiny model on a tiny cache, shared by the metrics tests; each compares counters before and after its
+    own traffic."""
+    yield from start_server(tmp_path_factory.mktemp("metrics_server"), *METRICS_FLAGS, model=str(tiny_model_dir),
+                            admin_key=ADMIN_KEY)
 
 
 def start_adapter_server(directory: Path, model_dir: Path) -> Iterator[Server]:

@@ -3,7 +3,7 @@ import asyncio
 import pytest
 
 from server.engine.async_engine import AsyncEngine
-from server.engine.errors import QueueFullError
+from server.engine.errors import QueueFullError, ShuttingDownError
 from server.engine.sampling_params import SamplingParams
 
 
@@ -64,3 +64,31 @@ def test_full_queue_refuses_at_once(make_engine):
             engine.submit([5, 6], SamplingParams(max_tokens=2))
 
     asyncio.run(scenario())
+
+
+def test_drain_refuses_new_requests_and_stops_those_still_running(make_engine):
+    async def scenario() -> tuple[list[int], int, int]:
+        engine = AsyncEngine(make_engine(), "tiny", max_queue=8)
+        await engine.start()
+        try:
+            short = engine.submit(list(range(3, 10)), SamplingParams(max_tokens=2, ignore_eos=True))
+            long = engine.submit(list(range(3, 40)), SamplingParams(max_tokens=450, ignore_eos=True))
+            short_tokens = await collect(short)
+            await engine.drain(timeout=0.01)  # far less than 450 steps take
+            with pytest.raises(ShuttingDownError):
+                engine.submit(list(range(3, 10)), SamplingParams(max_tokens=2))
+            with pytest.raises(ShuttingDownError):
+                async for _ in long:
+                    pass
+            for _ in range(100):  # the abort reaches the scheduler on the loop's next turn
+                await asyncio.sleep(0.01)
+                stats = engine.stats()
+                if stats.num_running == 0:
+                    break
+            return short_tokens, stats.num_free_blocks, stats.num_total_blocks
+        finally:
+            await engine.shutdown()
+
+    short_tokens, free, total = asyncio.run(scenario())
+    assert len(short_tokens) == 2
+    assert free == total
