@@ -14,12 +14,8 @@ from kernels.lora import LoraMapping, LoraWeights
 
 
 @triton.jit
-def _shrink_kernel(
-    x, lora_a, shrunk, sorted_rows, group_starts, group_slots,
-    in_features, shrunk_width,
-    stride_x_row, stride_a_slot, stride_a_row, stride_shrunk_row,
-    BLOCK_ROWS: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_IN: tl.constexpr,
-):
+def _group_rows(sorted_rows, group_starts, group_slots, BLOCK_ROWS: tl.constexpr):
+    """This program's adapter slot and its tile of that slot's token rows (axis 0: group, axis 1: row tile)."""
     group = tl.program_id(0)
     start = tl.load(group_starts + group)
     end = tl.load(group_starts + group + 1)
@@ -27,6 +23,17 @@ def _shrink_kernel(
     packed = start + tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_valid = packed < end
     rows = tl.load(sorted_rows + packed, mask=row_valid, other=0)
+    return slot, packed, row_valid, rows
+
+
+@triton.jit
+def _shrink_kernel(
+    x, lora_a, shrunk, sorted_rows, group_starts, group_slots,
+    in_features, shrunk_width,
+    stride_x_row, stride_a_slot, stride_a_row, stride_shrunk_row,
+    BLOCK_ROWS: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_IN: tl.constexpr,
+):
+    slot, packed, row_valid, rows = _group_rows(sorted_rows, group_starts, group_slots, BLOCK_ROWS)
     ranks = tl.program_id(2) * BLOCK_RANK + tl.arange(0, BLOCK_RANK)
     rank_valid = ranks < shrunk_width
     columns = tl.arange(0, BLOCK_IN)
@@ -52,13 +59,7 @@ def _expand_kernel(
     NUM_SLICES: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, RANK_PADDED: tl.constexpr,
 ):
-    group = tl.program_id(0)
-    start = tl.load(group_starts + group)
-    end = tl.load(group_starts + group + 1)
-    slot = tl.load(group_slots + group).to(tl.int64)
-    packed = start + tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_valid = packed < end
-    rows = tl.load(sorted_rows + packed, mask=row_valid, other=0)
+    slot, packed, row_valid, rows = _group_rows(sorted_rows, group_starts, group_slots, BLOCK_ROWS)
     outs = tl.program_id(2) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     out_valid = outs < out_features
     ranks = tl.arange(0, RANK_PADDED)
