@@ -6,8 +6,18 @@ keys and values live in the cache blocks listed in `block_tables[i]`. Prefill ch
 case (a decode is a query of length one), so one signature serves both.
 """
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+
+
+@dataclass
+class QueryPadding:
+    """How the torch reference pads the flat batch into [num_seqs, max_query_len] rows, and the causal mask."""
+
+    token_index: torch.Tensor  # [num_seqs * max_query_len]: flat token of each padded row (clamped for padding)
+    row_valid: torch.Tensor  # [num_seqs * max_query_len] bool: the row is a real token
+    mask: torch.Tensor  # [num_seqs, 1, max_query_len, max_seq_len] bool: the key is visible to the row
 
 
 @dataclass
@@ -20,6 +30,19 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs] int32: context length of each sequence, new tokens included
     max_query_len: int
     max_seq_len: int
+
+    @cached_property
+    def query_padding(self) -> QueryPadding:
+        """Computed once per step, on first use, for every layer of the torch reference."""
+        starts = self.query_start_loc[:-1].long()
+        query_lens = self.query_start_loc[1:].long() - starts
+        row = torch.arange(self.max_query_len, device=starts.device)
+        token_index = (starts[:, None] + row[None, :]).clamp(max=int(self.query_start_loc[-1]) - 1)
+        # Query row r of sequence i sits at position seq_len - query_len + r and sees keys up to it.
+        query_positions = self.seq_lens.long()[:, None] - query_lens[:, None] + row[None, :]
+        key_positions = torch.arange(self.max_seq_len, device=starts.device)
+        mask = key_positions[None, None, :] <= query_positions[:, :, None]
+        return QueryPadding(token_index.flatten(), (row[None, :] < query_lens[:, None]).flatten(), mask[:, None])
 
 
 def write_kv_cache(
@@ -46,11 +69,12 @@ def write_kv_cache_reference(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Plain torch: one masked scatter into the caches viewed as flat slot rows."""
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    key_cache.view(-1, *key_cache.shape[2:])[slots] = key[valid]
-    value_cache.view(-1, *value_cache.shape[2:])[slots] = value[valid]
+    """Plain torch: one row copy into the caches viewed as flat slot rows (padding dropped first, if any)."""
+    if bool((slot_mapping < 0).any()):
+        valid = slot_mapping >= 0
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping, key)
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping, value)
 
 
 def paged_attention(
@@ -78,7 +102,7 @@ def paged_attention_reference(
     scale: float,
 ) -> torch.Tensor:
     """Plain torch: gather every sequence's context from its blocks, pad the batch, one masked SDPA call."""
-    num_tokens, num_heads, head_dim = query.shape
+    num_heads, head_dim = query.shape[1:]
     num_seqs = metadata.seq_lens.shape[0]
     num_blocks, block_size, num_kv_heads = key_cache.shape[:3]
     max_query, max_context = metadata.max_query_len, metadata.max_seq_len
@@ -91,25 +115,14 @@ def paged_attention_reference(
         for cache in (key_cache, value_cache)
     )
 
-    starts = metadata.query_start_loc[:-1].long()
-    query_lens = metadata.query_start_loc[1:].long() - starts
-    seq_lens = metadata.seq_lens.long()
-    row = torch.arange(max_query, device=query.device)
-    row_valid = row[None, :] < query_lens[:, None]  # [num_seqs, max_query]
-    token_index = (starts[:, None] + row[None, :]).clamp(max=num_tokens - 1)
-    padded_query = query[token_index]  # [num_seqs, max_query, heads, head_dim]
-
-    # Query row r of sequence i sits at position seq_len - query_len + r and sees keys up to it.
-    query_positions = seq_lens[:, None] - query_lens[:, None] + row[None, :]
-    key_positions = torch.arange(max_context, device=query.device)
-    mask = key_positions[None, None, :] <= query_positions[:, :, None]  # [num_seqs, max_query, max_context]
-
+    padding = metadata.query_padding
+    padded_query = query.index_select(0, padding.token_index).view(num_seqs, max_query, num_heads, head_dim)
     output = torch.nn.functional.scaled_dot_product_attention(
         padded_query.transpose(1, 2),
         keys.transpose(1, 2),
         values.transpose(1, 2),
-        attn_mask=mask[:, None],
+        attn_mask=padding.mask,
         scale=scale,
         enable_gqa=num_heads != num_kv_heads,
     ).transpose(1, 2)
-    return output[row_valid]
+    return output.reshape(num_seqs * max_query, num_heads, head_dim)[padding.row_valid]
