@@ -59,7 +59,8 @@ async def info(request: Request, engine: AsyncEngine = Depends(engine_of)) -> di
 
 @router.get("/metrics")
 async def metrics_text(request: Request, engine: AsyncEngine = Depends(engine_of)) -> Response:
-    """Prometheus text; the scheduler and adapter gauges are refreshed here so an idle server still reads true."""
+    """Prometheus text. The scheduler and adapter gauges are set here, at scrape time, and nowhere else: one
+    definition of each (waiting includes requests not yet handed to the scheduler), nothing on the step path."""
     metrics: Metrics = request.app.state.metrics
     stats = engine.stats()
     metrics.running.set(stats.num_running)

@@ -112,7 +112,6 @@ class LLMEngine:
             sampled = [batch.sequences[index] for index in sampling]
             tokens, logprobs = sample(logits, sampled)
             outputs = [self._append_token(s, t, lp) for s, t, lp in zip(sampled, tokens, logprobs)]
-        self._update_gauges()
         return outputs
 
     def _append_token(self, sequence: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
@@ -150,12 +149,6 @@ class LLMEngine:
         self.metrics.requests_finished.labels(finished_reason=sequence.finish_reason).inc()
         self.metrics.request_done(sequence.arrival_time, sequence.first_token_time, sequence.last_token_time,
                                   sequence.num_output_tokens)
-
-    def _update_gauges(self) -> None:
-        self.metrics.running.set(len(self.scheduler.running))
-        self.metrics.waiting.set(len(self.scheduler.waiting))
-        self.metrics.kv_cache_usage.set(self.block_manager.usage)
-        self.metrics.prefix_cache_blocks.set(self.block_manager.num_cached_blocks)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  adapters: list[AdapterRef | None] | None = None) -> list[list[int]]:
