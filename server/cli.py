@@ -39,6 +39,11 @@ HELP = {
     "max_cpu_loras": "adapters kept loaded in CPU memory, least recently used evicted first",
     "max_lora_rank": "largest LoRA rank accepted; slots are padded to it",
     "max_adapter_bytes": "largest adapter upload accepted: bytes, or a size such as 256MiB",
+    "spec_tokens": "speculative decoding: tokens proposed per step and verified in one forward pass (0: off)",
+    "spec_ngram_min": "prompt lookup: shortest suffix of the output matched against the prompt and output",
+    "spec_ngram_max": "prompt lookup: longest suffix matched (longer matches are tried first)",
+    "draft_model": "propose with this smaller model (Hugging Face directory or .gguf, same tokenizer) instead of "
+                   "prompt lookup; needs --spec-tokens",
     "shutdown_timeout": "seconds running requests get to finish after SIGTERM before they are stopped; new "
                         "requests get 503 meanwhile",
 }

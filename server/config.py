@@ -26,4 +26,8 @@ class ServerConfig:
     max_cpu_loras: int = 32  # adapters kept loaded in CPU memory (LRU)
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 << 20  # largest accepted upload
+    spec_tokens: int = 0  # speculative decoding: tokens proposed per step (0: off)
+    spec_ngram_min: int = 2  # prompt lookup matches suffixes of spec_ngram_min to spec_ngram_max tokens
+    spec_ngram_max: int = 4
+    draft_model: str | None = None  # propose with this model (same tokenizer) instead of prompt lookup
     shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM

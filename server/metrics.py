@@ -80,6 +80,17 @@ class Metrics:
             "loraserve:prefix_cache_blocks", "KV blocks the prefix cache holds, in use or free.", registry=registry)
         self.prefix_cache_evictions = Counter(
             "loraserve:prefix_cache_evictions", "Cached KV blocks evicted to be reused.", registry=registry)
+        self.spec_drafts = Counter(
+            "loraserve:spec_decode_num_drafts", "Draft runs verified (a request's drafts in one step).",
+            registry=registry)
+        self.spec_draft_tokens = Counter(
+            "loraserve:spec_decode_num_draft_tokens", "Draft tokens verified.", registry=registry)
+        self.spec_accepted_tokens = Counter(
+            "loraserve:spec_decode_num_accepted_tokens", "Draft tokens the target model accepted.",
+            registry=registry)
+        self.spec_accepted_per_position = Counter(
+            "loraserve:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in the draft (0 is the first).", ["position"], registry=registry)
 
         self.adapter_loads = Counter("loraserve:adapter_loads", "Adapter loads, by tier loaded into (cpu, gpu).",
                                      ["tier"], registry=registry)
@@ -109,6 +120,14 @@ class Metrics:
         self.decode_time.observe(last_token - first_token)
         if num_output_tokens > 1:
             self.time_per_output_token.observe((last_token - first_token) / (num_output_tokens - 1))
+
+    def speculated(self, num_drafts: int, num_accepted: int) -> None:
+        """One request's drafts verified in a step: `num_accepted` of `num_drafts` kept, always the leading ones."""
+        self.spec_drafts.inc()
+        self.spec_draft_tokens.inc(num_drafts)
+        self.spec_accepted_tokens.inc(num_accepted)
+        for position in range(num_accepted):
+            self.spec_accepted_per_position.labels(position=str(position)).inc()
 
     def count_adapter_tiers(self, tiers: Iterable[str]) -> None:
         """Refresh `adapters_loaded` from the tier of every current adapter version (at scrape time)."""

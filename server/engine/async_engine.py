@@ -102,8 +102,10 @@ class AsyncEngine:
     @classmethod
     def from_config(cls, config: ServerConfig, metrics: Metrics) -> "AsyncEngine":
         device = resolve_device(config.device)
-        loaded = load_model(config.model, device, resolve_dtype(config.dtype, device))
-        engine = LLMEngine(loaded, config, metrics)
+        dtype = resolve_dtype(config.dtype, device)
+        loaded = load_model(config.model, device, dtype)
+        draft = load_model(config.draft_model, device, dtype) if config.draft_model else None
+        engine = LLMEngine(loaded, config, metrics, draft)
         return cls(engine, config.served_model_name or loaded.name, config.max_queue)
 
     async def start(self) -> None:

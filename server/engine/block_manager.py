@@ -135,16 +135,25 @@ whoever shares it then only reads it, and writes past it."""
 
     def _cache_full_blocks(self, sequence: Sequence, num_tokens: int) -> None:
         """Key every block that `sequence`'s first `num_tokens` tokens fill, so later requests can reuse it. A
-        block whose key another block already holds stays private (and returns to the free queue unkeyed)."""
+        block whose key another block already holds stays private (and returns to the free queue unkeyed). Draft
+        tokens are never keyed: only verified tokens are known to belong to the sequence."""
         if not self.enable_caching:
             return
-        for index in range(len(sequence.block_digests), num_tokens // self.block_size):
+        for index in range(len(sequence.block_digests), min(num_tokens, sequence.num_tokens) // self.block_size):
             parent_digest = sequence.block_digests[-1] if sequence.block_digests else b""
             key = self.block_key(sequence, index, parent_digest)
             block = sequence.block_table[index]
             if self.cached.setdefault(key, block) == block:
                 self.block_keys[block] = key
             sequence.block_digests.append(key.digest())
+
+    def rollback(self, sequence: Sequence) -> None:
+        """After speculative verification: free the blocks past `sequence`'s computed tokens (they held rejected
+        drafts' KV) and key the full blocks its accepted drafts completed."""
+        keep = blocks_for(sequence.num_computed_tokens, self.block_size)
+        self._release(sequence.block_table[keep:])
+        del sequence.block_table[keep:]
+        self._cache_full_blocks(sequence, sequence.num_computed_tokens)
 
     def _evict(self, block: int) -> None:
         """Forget what a free block caches, as it is handed out to be overwritten."""
@@ -159,13 +168,16 @@ whoever shares it then only reads it, and writes past it."""
         """Release every block of `sequence`. A block nobody else holds goes to the free queue: to its tail if
         it is cached (the most recently used), to its head if not (nothing is lost by reusing it first). Blocks
         go last block first, so a prefix's tail is evicted before the blocks that lead to it."""
-        for block in reversed(sequence.block_table):
+        self._release(sequence.block_table)
+        sequence.block_table = []
+        sequence.block_digests = []
+        sequence.num_computed_tokens = 0
+
+    def _release(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):
             self.reference_counts[block] -= 1
             assert self.reference_counts[block] >= 0
             if self.reference_counts[block] == 0:
                 self.free_queue[block] = None
                 if self.block_keys[block] is None:
                     self.free_queue.move_to_end(block, last=False)
-        sequence.block_table = []
-        sequence.block_digests = []
-        sequence.num_computed_tokens = 0

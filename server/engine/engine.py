@@ -12,10 +12,12 @@ from adapters.registry import AdapterRef, AdapterRegistry
 from adapters.slot_pool import SlotPool
 from server.config import ServerConfig
 from server.engine.block_manager import BlockManager
+from server.engine.draft_proposer import DraftModelProposer
 from server.engine.errors import RequestValidationError
 from server.engine.model_runner import ModelRunner, kv_block_bytes
-from server.engine.outputs import RequestOutput, TokenLogprob
-from server.engine.sampler import sample
+from server.engine.outputs import RequestOutput
+from server.engine.proposers import NgramProposer, Proposer
+from server.engine.sampler import Sampled, sample
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence
@@ -30,7 +32,8 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     """One model, one KV cache, one scheduler. Not thread-safe: one caller drives it."""
 
-    def __init__(self, loaded: LoadedModel, config: ServerConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, config: ServerConfig, metrics: Metrics | None = None,
+                 draft: LoadedModel | None = None) -> None:
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.metrics = metrics or Metrics()
@@ -55,6 +58,8 @@ class LLMEngine:
         self.stop_checker = StopChecker(loaded.tokenizer, self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self.seed_source = random.Random(config.seed)
+        self.num_speculative_tokens = config.spec_tokens
+        self.proposer = make_proposer(config, loaded.config, draft, num_blocks)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Refuse what can never run; raises RequestValidationError with a message for the client."""
@@ -93,40 +98,70 @@ class LLMEngine:
         """Drop a request wherever it is; its blocks return to the free list at once."""
         sequence = self.sequences.pop(request_id, None)
         if sequence is not None and not sequence.finished:
-            self.scheduler.finish(sequence, "abort")
+            self._finish(sequence, "abort")
             self.metrics.requests_finished.labels(finished_reason="abort").inc()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return an output for every request that got a new token."""
+        """Run one scheduled batch; return an output for every request that got new tokens."""
+        if self.proposer is not None:
+            self._propose()
         batch = self.scheduler.schedule()
         self.metrics.preemptions.inc(batch.num_preempted)
-        outputs = []
-        if not batch.empty:
-            self.metrics.step_tokens.observe(sum(batch.num_new_tokens))
-            logits, sampling = self.runner.execute(batch)
-            for sequence, num_new in zip(batch.sequences, batch.num_new_tokens):
-                sequence.num_computed_tokens += num_new
-            sampled = [batch.sequences[index] for index in sampling]
-            tokens, logprobs = sample(logits, sampled)
-            outputs = [self._append_token(s, t, lp) for s, t, lp in zip(sampled, tokens, logprobs)]
-        return outputs
+        if batch.empty:
+            return []
+        self.metrics.step_tokens.observe(sum(batch.num_new_tokens))
+        logits, sampling = self.runner.execute(batch)
+        for sequence, num_new in zip(batch.sequences, batch.num_new_tokens):
+            sequence.num_computed_tokens += num_new
+        sampled = [batch.sequences[index] for index in sampling]
+        return [self._accept(sequence, result) for sequence, result in zip(sampled, sample(logits, sampled))]
 
-    def _append_token(self, sequence: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
-        sequence.token_ids.append(token)
-        self._record_token_timing(sequence)
-        stop = self.stop_checker.check(sequence)
-        if stop is not None:
-            self.scheduler.finish(sequence, *stop)
-            del self.sequences[sequence.request_id]
+    def _propose(self) -> None:
+        """Draft tokens for every running request that is decoding and allows it, within its max_tokens."""
+        candidates, limits = [], []
+        for sequence in self.scheduler.running:
+            sequence.truncate_drafts()
+            limit = min(self.num_speculative_tokens, sequence.params.max_tokens - sequence.num_output_tokens - 1)
+            if sequence.params.speculative and limit > 0 and sequence.num_uncomputed_tokens == 1:
+                candidates.append(sequence)
+                limits.append(limit)
+        if candidates:
+            self.proposer.propose(candidates, limits)
+
+    def _accept(self, sequence: Sequence, result: Sampled) -> RequestOutput:
+        """Append a sequence's new tokens; roll its KV back past the last accepted draft."""
+        sequence.truncate_drafts()
+        if result.num_drafts:
+            self.metrics.speculated(result.num_drafts, result.num_accepted)
+        output = self._append_tokens(sequence, result)
+        if result.num_drafts and not sequence.finished:
+            sequence.num_computed_tokens = sequence.num_tokens - 1  # the KV of the drafts it accepted
+            self.block_manager.rollback(sequence)
+        return output
+
+    def _append_tokens(self, sequence: Sequence, result: Sampled) -> RequestOutput:
+        """Append tokens one at a time until one stops the request: a stop inside an accepted run drops the
+        tokens after it."""
+        appended = 0
+        for token in result.token_ids:
+            sequence.token_ids.append(token)
+            appended += 1
+            stop = self.stop_checker.check(sequence)
+            if stop is not None:
+                self._finish(sequence, *stop)
+                del self.sequences[sequence.request_id]
+                break
+        self._record_token_timing(sequence, appended)
+        if sequence.finished:
             self._record_finish(sequence)
         return RequestOutput(
             request_id=sequence.request_id,
-            token_ids=[token],
+            token_ids=result.token_ids[:appended],
             text=self.stop_checker.take_new_text(sequence),
-            logprobs=[logprob] if logprob is not None else [],
+            logprobs=[logprob for logprob in result.logprobs[:appended] if logprob is not None],
             finished=sequence.finished,
             finish_reason=sequence.finish_reason,
             stop_reason=sequence.stop_reason,
@@ -135,9 +170,15 @@ class LLMEngine:
             num_cached_tokens=sequence.num_cached_tokens,
         )
 
-    def _record_token_timing(self, sequence: Sequence) -> None:
+    def _finish(self, sequence: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        self.scheduler.finish(sequence, reason, stop_reason)
+        if self.proposer is not None:
+            self.proposer.release(sequence.request_id)
+
+    def _record_token_timing(self, sequence: Sequence, num_tokens: int) -> None:
+        """Tokens verified together arrive together: one inter-token gap per step, as vLLM counts it."""
         now = time.monotonic()
-        self.metrics.generation_tokens.inc()
+        self.metrics.generation_tokens.inc(num_tokens)
         if sequence.first_token_time is None:
             sequence.first_token_time = now
             self.metrics.first_token(sequence.arrival_time, sequence.first_scheduled_time, now)
@@ -162,6 +203,21 @@ class LLMEngine:
             for output in self.step():
                 outputs[output.request_id].extend(output.token_ids)
         return [outputs[request_id] for request_id in request_ids]
+
+
+def make_proposer(config: ServerConfig, target: ModelConfig, draft: LoadedModel | None, num_blocks: int
+                  ) -> Proposer | None:
+    """The draft model when one is given, else prompt lookup; None when speculation is off (no --spec-tokens)."""
+    if config.spec_tokens == 0:
+        if draft is not None:
+            raise ValueError("a draft model needs --spec-tokens: how many tokens it proposes per step")
+        return None
+    if draft is None:
+        return NgramProposer(config.spec_ngram_min, config.spec_ngram_max)
+    if draft.config.vocab_size != target.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the "
+                         f"target's ({target.vocab_size}): it must share the target's tokenizer")
+    return DraftModelProposer(draft, num_blocks, config.block_size, config.max_num_batched_tokens)
 
 
 def adapter_base_shape(config: ModelConfig) -> BaseModelShape:

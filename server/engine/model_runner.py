@@ -35,21 +35,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Compute the batch's new tokens; return logits [n, vocab] for the n sequences whose chunk reaches
-        their last token (they sample next), and those sequences' indices in the batch."""
-        input_ids, positions, metadata = self._prepare(batch)
+        """Compute the batch's new tokens. Return the logits of the sequences whose chunk reaches their last
+        token (they sample next), and those sequences' indices in the batch. Each such sequence gets
+        1 + len(draft_token_ids) rows, in order: the positions of its drafts, then the one after them."""
+        input_ids, positions, metadata, query_ends = self._prepare(batch)
         token_slots = [sequence.lora_slot for sequence, num_new in zip(batch.sequences, batch.num_new_tokens)
                        for _ in range(num_new)]
         lora = LoraMapping.from_token_slots(token_slots, self.device)
         hidden = self.model(input_ids, positions, metadata, self.kv_caches, self.lora_weights, lora)
         sampling = [
             index for index, (sequence, num_new) in enumerate(zip(batch.sequences, batch.num_new_tokens))
-            if sequence.num_computed_tokens + num_new == sequence.num_tokens
+            if sequence.num_computed_tokens + num_new == sequence.num_tokens + len(sequence.draft_token_ids)
         ]
-        last_rows = metadata.query_start_loc[1:].long()[sampling] - 1
-        return self.model.compute_logits(hidden[last_rows]), sampling
+        rows = [row for index in sampling
+                for row in range(query_ends[index] - 1 - len(batch.sequences[index].draft_token_ids),
+                                 query_ends[index])]
+        rows_tensor = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows_tensor)), sampling
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -57,7 +61,7 @@ class ModelRunner:
         query_start = [0]
         for sequence, num_new in zip(batch.sequences, batch.num_new_tokens):
             start, end = sequence.num_computed_tokens, sequence.num_computed_tokens + num_new
-            tokens.extend(sequence.token_ids[start:end])
+            tokens.extend(sequence.tokens_between(start, end))
             positions.extend(range(start, end))
             table = sequence.block_table
             slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
@@ -77,4 +81,4 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
         )
         return (torch.tensor(tokens, dtype=torch.int64, device=device),
-                torch.tensor(positions, dtype=torch.int64, device=device), metadata)
+                torch.tensor(positions, dtype=torch.int64, device=device), metadata, query_start[1:])

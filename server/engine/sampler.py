@@ -1,37 +1,74 @@
-"""Chooses each sequence's next token from its logits, applying that request's own sampling settings.
+"""Chooses tokens from logits, applying each request's own sampling settings, and verifies draft tokens.
 
-Random draws come from each request's own generator, so a seeded request samples the same tokens whatever else
-shares its batch.
+A row of logits belongs to one sequence at one position: a sequence without drafts has one row; a sequence with
+k drafts has k + 1, the distribution at each draft's position and then the one after the last. Greedy requests
+keep the drafts that match the target's argmax, then take the target's token. Sampled requests use speculative
+rejection sampling: draft d at a position is kept with probability min(1, p(d) / q(d)), and the first rejected
+position is redrawn from the normalised max(0, p - q). That leaves each token distributed exactly as the target
+model's p, with every sampling setting applied (q is the proposer's distribution, or a point mass for a
+deterministic proposer). Random draws come from each request's own generator, so a seeded request samples the
+same tokens whatever else shares its batch.
 """
+from dataclasses import dataclass
+
 import torch
 
 from server.engine.outputs import TokenLogprob
+from server.engine.sampling_params import SamplingParams
 from server.engine.sequence import Sequence
 
 
-def apply_penalties(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+@dataclass(frozen=True)
+class Row:
+    """One row of logits: the sequence it samples for, after its verified tokens and `num_drafts` drafts."""
+
+    sequence: Sequence
+    num_drafts: int = 0
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.sequence.params
+
+    def output_token_ids(self) -> list[int]:
+        return self.sequence.output_token_ids + self.sequence.draft_token_ids[:self.num_drafts]
+
+    def token_ids(self) -> list[int]:
+        return self.sequence.token_ids + self.sequence.draft_token_ids[:self.num_drafts]
+
+
+@dataclass
+class Sampled:
+    """What one sequence gets from a step: its new tokens (accepted drafts, then one more) and their logprobs."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+    num_drafts: int  # drafts verified
+    num_accepted: int  # of those, kept
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     """Repetition penalty (HF: over prompt and output) and presence/frequency penalties (OpenAI: over output)."""
-    for row, sequence in enumerate(sequences):
-        params = sequence.params
+    for index, row in enumerate(rows):
+        params = row.params
         if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sequence.token_ids, device=logits.device).unique()
-            values = logits[row, seen]
-            logits[row, seen] = torch.where(values > 0, values / params.repetition_penalty,
-                                            values * params.repetition_penalty)
+            seen = torch.tensor(row.token_ids(), device=logits.device).unique()
+            values = logits[index, seen]
+            logits[index, seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                              values * params.repetition_penalty)
         if params.presence_penalty or params.frequency_penalty:
-            output = torch.tensor(sequence.output_token_ids, dtype=torch.int64, device=logits.device)
+            output = torch.tensor(row.output_token_ids(), dtype=torch.int64, device=logits.device)
             counts = torch.bincount(output, minlength=logits.shape[1]).to(logits.dtype)
-            logits[row] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+            logits[index] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
     return logits
 
 
-def truncate_distribution(logits: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+def truncate_distribution(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p, each per row; removed tokens get -inf."""
     device = logits.device
-    temperature = torch.tensor([s.params.temperature or 1.0 for s in sequences], device=device)
+    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
     logits = logits / temperature[:, None]
-    top_k = [s.params.top_k for s in sequences]
-    top_p = [s.params.top_p for s in sequences]
+    top_k = [p.top_k for p in params]
+    top_p = [p.top_p for p in params]
     if any(top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(logits.shape[1], device=device)[None, :]
@@ -41,7 +78,7 @@ def truncate_distribution(logits: torch.Tensor, sequences: list[Sequence]) -> to
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop |= mass_before >= torch.tensor(top_p, device=device)[:, None]  # keeps at least the top token
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    min_p = torch.tensor([s.params.min_p for s in sequences], device=device)
+    min_p = torch.tensor([p.min_p for p in params], device=device)
     if bool((min_p > 0).any()):
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values,
@@ -49,42 +86,86 @@ def truncate_distribution(logits: torch.Tensor, sequences: list[Sequence]) -> to
     return logits
 
 
-def draw(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
-    """Sample one token per row: argmax of probabilities over exponential noise from the row's own generator."""
-    probs = logits.softmax(dim=-1)
-    tokens = []
-    for row, sequence in enumerate(sequences):
-        noise = torch.empty_like(probs[row]).exponential_(generator=sequence.generator)
-        tokens.append(int((probs[row] / noise).argmax()))
-    return tokens
+def sampling_probabilities(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """The distribution each row samples from: penalised logits, truncated, softmaxed (float32)."""
+    return truncate_distribution(logits, [row.params for row in rows]).softmax(dim=-1)
 
 
-def gather_logprobs(logprobs: torch.Tensor, tokens: list[int], sequences: list[Sequence]
-                    ) -> list[TokenLogprob | None]:
+def draw(weights: torch.Tensor, generator: torch.Generator) -> int:
+    """One token with probability proportional to `weights` (need not sum to one): the argmax of the weights
+    over exponential noise, which spares normalising and a cumulative sum."""
+    noise = torch.empty_like(weights).exponential_(generator=generator)
+    return int((weights / noise).argmax())
+
+
+def token_logprob(logprobs: torch.Tensor, token: int, params: SamplingParams) -> TokenLogprob | None:
     """The chosen token's log-probability under the model, and the top alternatives when asked."""
-    results: list[TokenLogprob | None] = []
-    for row, (token, sequence) in enumerate(zip(tokens, sequences)):
-        count = sequence.params.logprobs
-        if count is None:
-            results.append(None)
-            continue
-        top_values, top_ids = logprobs[row].topk(count) if count else (torch.empty(0), torch.empty(0))
-        top = [(int(i), float(v)) for i, v in zip(top_ids.tolist(), top_values.tolist())]
-        results.append(TokenLogprob(token, float(logprobs[row, token]), top))
-    return results
+    count = params.logprobs
+    if count is None:
+        return None
+    top_values, top_ids = logprobs.topk(count) if count else (torch.empty(0), torch.empty(0))
+    top = [(int(i), float(v)) for i, v in zip(top_ids.tolist(), top_values.tolist())]
+    return TokenLogprob(token, float(logprobs[token]), top)
 
 
-def sample(logits: torch.Tensor, sequences: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Next token of each sequence (rows of `logits` in the same order), with logprobs where requested."""
+def accept_sampled(drafts: list[int], probs: torch.Tensor, draft_probs: torch.Tensor | None,
+                   generator: torch.Generator) -> list[int]:
+    """Rejection sampling of one sequence's drafts against target probabilities `probs` [k + 1, vocab]; return
+    the accepted drafts and one token after them."""
+    k = len(drafts)
+    if k:
+        positions = torch.arange(k, device=probs.device)
+        draft_ids = torch.tensor(drafts, device=probs.device)
+        target = probs[positions, draft_ids]
+        proposed = draft_probs[positions, draft_ids] if draft_probs is not None else torch.ones_like(target)
+        uniform = torch.rand(k, generator=generator, device=probs.device)
+        kept = (uniform * proposed < target).tolist()  # u < p / q, without dividing by a q of zero
+        if not all(kept):
+            rejected = kept.index(False)
+            return drafts[:rejected] + [draw(residual(probs[rejected], draft_probs, rejected, drafts), generator)]
+    return drafts + [draw(probs[k], generator)]
+
+
+def residual(target: torch.Tensor, draft_probs: torch.Tensor | None, position: int, drafts: list[int]
+             ) -> torch.Tensor:
+    """max(0, p - q) at a rejected position; for a point-mass proposal that is p without the draft token."""
+    if draft_probs is None:
+        weights = target.clone()
+        weights[drafts[position]] = 0.0
+    else:
+        weights = (target - draft_probs[position]).clamp(min=0.0)
+    return weights if bool(weights.sum() > 0) else target  # p == q up to rounding: nothing to correct
+
+
+def accept_greedy(drafts: list[int], argmax: list[int]) -> list[int]:
+    """The drafts up to the first that differs from the target's argmax, then the target's token there."""
+    for position, draft in enumerate(drafts):
+        if argmax[position] != draft:
+            return drafts[:position] + [argmax[position]]
+    return drafts + [argmax[len(drafts)]]
+
+
+def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[Sampled]:
+    """New tokens of each sequence, from `logits` with 1 + len(draft_token_ids) rows per sequence, in order."""
+    rows = [Row(sequence, index) for sequence in sequences for index in range(len(sequence.draft_token_ids) + 1)]
     logits = logits.float()
-    wants_logprobs = any(s.params.logprobs is not None for s in sequences)
+    wants_logprobs = any(sequence.params.logprobs is not None for sequence in sequences)
     logprobs = logits.log_softmax(dim=-1) if wants_logprobs else logits
-    logits = apply_penalties(logits.clone(), sequences)
-    tokens = logits.argmax(dim=-1).tolist()
-    sampled_rows = [row for row, s in enumerate(sequences) if not s.params.greedy]
-    if sampled_rows:
-        subset = [sequences[row] for row in sampled_rows]
-        drawn = draw(truncate_distribution(logits[sampled_rows], subset), subset)
-        for row, token in zip(sampled_rows, drawn):
-            tokens[row] = token
-    return tokens, gather_logprobs(logprobs, tokens, sequences)
+    logits = apply_penalties(logits.clone(), rows)
+    argmax = logits.argmax(dim=-1).tolist()
+    sampled_rows = [index for index, row in enumerate(rows) if not row.params.greedy]
+    probs = sampling_probabilities(logits[sampled_rows], [rows[index] for index in sampled_rows])
+    results, start, sampled_start = [], 0, 0
+    for sequence in sequences:
+        drafts, end = sequence.draft_token_ids, start + len(sequence.draft_token_ids) + 1
+        if sequence.params.greedy:
+            tokens = accept_greedy(drafts, argmax[start:end])
+        else:
+            tokens = accept_sampled(drafts, probs[sampled_start:sampled_start + end - start],
+                                    sequence.draft_probabilities, sequence.generator)
+            sampled_start += end - start
+        token_logprobs = [token_logprob(logprobs[start + offset], token, sequence.params)
+                          for offset, token in enumerate(tokens)]
+        results.append(Sampled(tokens, token_logprobs, len(drafts), len(tokens) - 1))
+        start = end
+    return results

@@ -19,6 +19,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the k most likely
+    speculative: bool = True  # let the server's speculative decoding (if configured) propose tokens for it
 
     @property
     def greedy(self) -> bool:

@@ -53,7 +53,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             sequence = self.running[index]
-            num_new = min(sequence.num_uncomputed_tokens, budget)
+            num_new = self._fit_drafts(sequence, budget)
             if not self._make_room(sequence, num_new, batch):
                 break  # `sequence` itself was preempted: everyone after it is gone too
             self.block_manager.allocate(sequence, num_new)
@@ -64,6 +64,16 @@ class Scheduler:
         if batch.num_preempted == 0:
             self._admit_waiting(batch, budget)
         return batch
+
+    def _fit_drafts(self, sequence: Sequence, budget: int) -> int:
+        """Tokens `sequence` computes this step: drafts past the budget are dropped, and all of them when the
+        cache cannot hold them, since guesses are not worth preempting another request for."""
+        num_new = min(sequence.num_uncomputed_tokens, budget)
+        sequence.truncate_drafts(max(0, sequence.num_computed_tokens + num_new - sequence.num_tokens))
+        if sequence.draft_token_ids and not self.block_manager.can_allocate(sequence, num_new):
+            sequence.truncate_drafts()
+            num_new = sequence.num_uncomputed_tokens
+        return num_new
 
     def _make_room(self, sequence: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
         """Preempt the newest running requests until `sequence` fits; False if `sequence` itself had to go."""
@@ -99,6 +109,7 @@ class Scheduler:
         self.running.remove(sequence)
         self.block_manager.free(sequence)
         self._release_adapter(sequence)
+        sequence.truncate_drafts()
         sequence.status = SequenceStatus.WAITING
         self.waiting.appendleft(sequence)
 

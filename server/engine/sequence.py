@@ -45,6 +45,10 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     block_table: list[int] = field(default_factory=list)
     block_digests: list[bytes] = field(default_factory=list)  # prefix-cache chain of the leading full blocks
+    # Speculative decoding: tokens proposed for this step, verified by the target model before they count, and
+    # the proposer's distribution over each ([num_drafts, vocab]; None when drafts were picked deterministically).
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probabilities: torch.Tensor | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -67,7 +71,19 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        """Tokens the next step must compute to catch up, draft tokens included."""
+        return len(self.token_ids) + len(self.draft_token_ids) - self.num_computed_tokens
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """Token ids at positions [start, end), reading on into the draft tokens past the verified ones."""
+        verified = len(self.token_ids)
+        return self.token_ids[start:end] + self.draft_token_ids[max(0, start - verified):max(0, end - verified)]
+
+    def truncate_drafts(self, count: int = 0) -> None:
+        """Keep only the first `count` draft tokens."""
+        del self.draft_token_ids[count:]
+        if self.draft_probabilities is not None:
+            self.draft_probabilities = self.draft_probabilities[:count] if count else None
 
     @property
     def finished(self) -> bool:

@@ -13,13 +13,21 @@ def make_sequence(params: SamplingParams, tokens=(1, 2, 3), prompt_length=2, see
     return Sequence("r", list(tokens), prompt_length, params, generator)
 
 
+def sampled_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
+    """The one token each draft-free sequence gets."""
+    results = sample(logits, sequences)
+    assert all(len(result.token_ids) == 1 for result in results)
+    return [result.token_ids[0] for result in results]
+
+
 def test_greedy_is_argmax_and_logprobs_match_log_softmax():
     logits = torch.randn(3, VOCAB)
     sequences = [make_sequence(SamplingParams(temperature=0.0, logprobs=3)) for _ in range(3)]
-    tokens, logprobs = sample(logits, sequences)
+    results = sample(logits, sequences)
+    tokens = [result.token_ids[0] for result in results]
     assert tokens == logits.argmax(-1).tolist()
     reference = logits.double().log_softmax(-1)
-    for row, entry in enumerate(logprobs):
+    for row, entry in enumerate(result.logprobs[0] for result in results):
         assert abs(entry.logprob - reference[row, tokens[row]].item()) < 1e-5
         top_ids = [token for token, _ in entry.top]
         assert top_ids == reference[row].topk(3).indices.tolist()
@@ -31,7 +39,7 @@ def test_seeded_draws_do_not_depend_on_the_rest_of_the_batch():
 
     def first_row_tokens(batch_size: int) -> list[int]:
         sequences = [make_sequence(params)] + [make_sequence(SamplingParams(), seed=s) for s in range(batch_size - 1)]
-        return [sample(logits[:batch_size].clone(), sequences)[0][0] for _ in range(10)]
+        return [sampled_tokens(logits[:batch_size].clone(), sequences)[0] for _ in range(10)]
 
     assert first_row_tokens(1) == first_row_tokens(4)
 
@@ -43,7 +51,7 @@ def test_sampling_frequencies_follow_the_tempered_distribution():
     draws = 6000
     counts = torch.zeros(6)
     for _ in range(draws):
-        counts[sample(logits.clone(), [sequence])[0][0]] += 1
+        counts[sampled_tokens(logits.clone(), [sequence])[0]] += 1
     expected = (logits[0] / 0.7).softmax(-1)
     total_variation = 0.5 * (counts / draws - expected).abs().sum().item()
     assert total_variation < 0.03
@@ -59,7 +67,7 @@ def test_top_k_top_p_and_min_p_never_draw_outside_their_set():
     ]
     for params, allowed in cases:
         sequence = make_sequence(params)
-        drawn = {sample(logits.clone(), [sequence])[0][0] for _ in range(300)}
+        drawn = {sampled_tokens(logits.clone(), [sequence])[0] for _ in range(300)}
         assert drawn == allowed, params
 
 
@@ -68,9 +76,9 @@ def test_penalties_push_away_from_seen_tokens():
     logits[0, 3] = 1.0
     logits[0, 4] = 0.9
     repeated = make_sequence(SamplingParams(temperature=0.0, repetition_penalty=2.0), tokens=(3, 3), prompt_length=1)
-    assert sample(logits.clone(), [repeated])[0] == [4]
+    assert sampled_tokens(logits.clone(), [repeated]) == [4]
     present = make_sequence(SamplingParams(temperature=0.0, presence_penalty=0.5), tokens=(7, 3), prompt_length=1)
-    assert sample(logits.clone(), [present])[0] == [4]
+    assert sampled_tokens(logits.clone(), [present]) == [4]
     in_prompt_only = make_sequence(SamplingParams(temperature=0.0, frequency_penalty=2.0), tokens=(3, 5),
                                    prompt_length=1)
-    assert sample(logits.clone(), [in_prompt_only])[0] == [3]  # OpenAI penalties count output tokens only
+    assert sampled_tokens(logits.clone(), [in_prompt_only]) == [3]  # OpenAI penalties count output tokens only
