@@ -35,6 +35,7 @@ class GenerateParameters(RequestSchema):
     details: bool = False
     decoder_input_details: bool = False
     return_k_alternatives: int | None = Field(None, ge=1, le=MAX_LOGPROBS)
+    speculative: bool = True  # false: no speculative decoding for this request
 
     @field_validator("stop")
     @classmethod
@@ -61,7 +62,7 @@ class GenerateParameters(RequestSchema):
             max_tokens=max_tokens, temperature=(self.temperature or 1.0) if self.sampling else 0.0,
             top_k=self.top_k or 0, top_p=self.top_p or 1.0, repetition_penalty=self.repetition_penalty,
             seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos_token,
-            logprobs=self.return_k_alternatives or 0)
+            logprobs=self.return_k_alternatives or 0, speculative=self.speculative)
 
 
 class GenerateRequest(RequestSchema):

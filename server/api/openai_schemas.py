@@ -34,6 +34,7 @@ class SamplingRequest(RequestSchema):
     stop: str | list[str] = []
     stop_token_ids: list[int] = Field([], max_length=MAX_STOP_SEQUENCES)
     ignore_eos: bool = False
+    speculative: bool = True  # false: no speculative decoding for this request
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -52,7 +53,8 @@ class SamplingRequest(RequestSchema):
             max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + index,
-            stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs)
+            stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            speculative=self.speculative)
 
 
 class CompletionRequest(SamplingRequest):
