@@ -19,9 +19,9 @@ class Proposer(Protocol):
 
 
 class NgramProposer:
-    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens (longest n first, from
-    `max_n` down to `min_n`) in its prompt and output, and propose the tokens that followed it. Free to run, and
-    right often when the output copies its input: edits, extraction, code, quoting."""
+    """Prompt lookup: find an earlier occurrence of the sequence's last n tokens (longest n first, from `max_n`
+    down to `min_n`) in its prompt and output, and propose the tokens that followed it. Free to run, and right
+    often when the output copies its input: edits, extraction, code, quoting."""
 
     def __init__(self, min_n: int, max_n: int) -> None:
         assert 1 <= min_n <= max_n
@@ -33,16 +33,18 @@ class NgramProposer:
             sequence.draft_probabilities = None  # a lookup is deterministic: a point mass on each draft
 
     def lookup(self, token_ids: list[int], limit: int) -> list[int]:
-        """Up to `limit` tokens that followed the latest earlier match of the longest matching suffix."""
+        """Up to `limit` tokens that followed the longest matching suffix's latest earlier occurrence that is
+        followed by `limit` tokens (the latest at all if none is: in a loop, the latest match is the nearest)."""
         if len(token_ids) < self.min_n + 1:
             return []
         tokens = torch.tensor(token_ids)
         for n in range(min(self.max_n, len(token_ids) - 1), self.min_n - 1, -1):
             # Windows starting at 0 .. len - n - 1: every n-gram before the suffix itself.
             windows = tokens[:-1].unfold(0, n, 1)
-            matches = (windows == tokens[-n:]).all(dim=1).nonzero()
+            matches = (windows == tokens[-n:]).all(dim=1).nonzero().flatten()
             if len(matches):
-                start = int(matches[-1]) + n
+                whole = matches[matches <= len(token_ids) - n - limit]
+                start = int(whole[-1] if len(whole) else matches[-1]) + n
                 return token_ids[start:start + limit]
         return []
 
