@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention import AttentionMetadata
+from kernels.triton_decode_attention import decode_attention_triton, num_partitions
 
 
 @triton.jit
@@ -98,7 +99,10 @@ def paged_attention_triton(
     scale: float,
 ) -> torch.Tensor:
     """Same contract as `kernels.attention.paged_attention`: causal attention of query [num_tokens, heads,
-    head_dim] over each sequence's cached context; returns [num_tokens, heads, head_dim]."""
+    head_dim] over each sequence's cached context; returns [num_tokens, heads, head_dim]. Decode-only batches
+    with contexts longer than one partition go to the split-context decode kernel."""
+    if metadata.max_query_len == 1 and num_partitions(metadata.max_seq_len) > 1:
+        return decode_attention_triton(query, key_cache, value_cache, metadata, scale)
     num_tokens, num_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = key_cache.shape
     assert cache_head_dim == head_dim and value_cache.shape == key_cache.shape

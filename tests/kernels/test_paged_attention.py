@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kernels.attention import paged_attention
+from kernels.triton_decode_attention import decode_attention_triton
 from kernels.triton_paged_attention import paged_attention_triton
 from tests.kernels.helpers import attention_float64, make_batch, relative_error
 
@@ -37,6 +38,23 @@ def test_decode_only() -> None:
     check_attention([1, 1, 1], [1, 77, 5], 1, 3, 128, 8, torch.float32, "cpu", 1e-5)
 
 
+@pytest.mark.parametrize("num_kv_heads, group, head_dim, partition_size", [
+    (2, 1, 16, 64),
+    (1, 3, 32, 64),
+    (1, 8, 128, 32),
+])
+def test_split_context_decode(num_kv_heads: int, group: int, head_dim: int, partition_size: int) -> None:
+    """Contexts of one token, of less than one partition, and of several, some ending mid-partition."""
+    seq_lens = [1, 77, 130, 5, 192]
+    generator = torch.Generator().manual_seed(group)
+    query, key_cache, value_cache, metadata = make_batch(
+        [1] * len(seq_lens), seq_lens, num_kv_heads, group, head_dim, 8, torch.float32, "cpu", generator)
+    output = decode_attention_triton(query, key_cache, value_cache, metadata, head_dim**-0.5, partition_size)
+    expected = attention_float64(query, key_cache, value_cache, metadata, head_dim**-0.5)
+    assert not output.isnan().any(), "an output element was left unwritten"
+    assert relative_error(output, expected) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 class TestOnGpu:
@@ -45,6 +63,12 @@ class TestOnGpu:
         query_lens = [1, 1, 300, 1, 77, 1]
         seq_lens = [513, 2048, 300, 17, 1000, 1]
         check_attention(query_lens, seq_lens, num_kv_heads, group, head_dim, 16, torch.bfloat16, "cuda", 1e-2)
+
+    @pytest.mark.parametrize("num_kv_heads, group, head_dim", [(8, 1, 128), (3, 3, 64), (4, 8, 128)])
+    def test_long_context_decode_bfloat16(self, num_kv_heads: int, group: int, head_dim: int) -> None:
+        seq_lens = [4096, 1, 513, 2048, 3000, 17, 1024, 7]  # several partitions each, through the dispatcher
+        check_attention([1] * len(seq_lens), seq_lens, num_kv_heads, group, head_dim, 16, torch.bfloat16, "cuda",
+                        1e-2)
 
     def test_dispatch_point_on_cuda(self) -> None:
         query, key_cache, value_cache, metadata = make_batch(
