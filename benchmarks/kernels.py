@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.attention import AttentionMetadata, paged_attention
 from kernels.lora import LoraMapping, LoraWeights, add_lora, add_lora_reference
+from server.engine.cuda_graphs import DecodeGraphs
 from server.model.config import ModelConfig
 from server.model.llama import LlamaModel
 
@@ -161,7 +162,8 @@ def smollm2_config() -> ModelConfig:
 
 
 def bench_decode_step(batch_sizes: list[int], context: int) -> dict:
-    """The model's forward plus logits for one new token per sequence, eager, random SmolLM2-shaped weights."""
+    """The model's forward plus logits for one new token per sequence, random SmolLM2-shaped weights: eagerly,
+    and replayed through the server's CUDA graphs (`DecodeGraphs`, base-model graphs)."""
     config = smollm2_config()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(DTYPE)
@@ -170,7 +172,7 @@ def bench_decode_step(batch_sizes: list[int], context: int) -> dict:
             model = LlamaModel(config).eval()
     finally:
         torch.set_default_dtype(previous)
-    results = {}
+    results = {"eager_ms": {}, "graph_ms": {}, "graph_max_abs_difference": {}}
     for batch in batch_sizes:
         caches = [paged_inputs(batch, context, config.num_key_value_heads, config.head_dim)[2:] for _ in model.layers]
         tables = caches[0][2]  # one block table for every layer, as the engine does
@@ -179,19 +181,21 @@ def bench_decode_step(batch_sizes: list[int], context: int) -> dict:
         input_ids = torch.randint(0, config.vocab_size, (batch,), device="cuda")
         positions = torch.full((batch,), context - 1, device="cuda")
         kv_caches = [(key_cache, value_cache) for key_cache, value_cache, _ in caches]
+        with torch.inference_mode():
+            graphs = DecodeGraphs(model, kv_caches, [], batch, context, BLOCK_SIZE)
+            graphs.capture()
 
-        def step() -> torch.Tensor:
-            with torch.inference_mode():
+            def eager() -> torch.Tensor:
                 return model.compute_logits(model(input_ids, positions, metadata, kv_caches))
-        results[str(batch)] = bench_ms(step)
-        del caches, kv_caches
+
+            def replayed() -> torch.Tensor:
+                return model.compute_logits(graphs.run(input_ids, positions, metadata, [-1] * batch))
+
+            results["eager_ms"][str(batch)] = bench_ms(eager)
+            results["graph_ms"][str(batch)] = bench_ms(replayed)
+            results["graph_max_abs_difference"][str(batch)] = (eager() - replayed()).abs().max().item()
+        del caches, kv_caches, graphs
     return results
-
-
-def cuda_graphs_status() -> str:
-    runner = Path(__file__).resolve().parents[1] / "server/engine/model_runner.py"
-    text = runner.read_text() if runner.exists() else ""
-    return "implemented (not measured here)" if "CUDAGraph" in text or "cuda.graph" in text else "not implemented"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -229,9 +233,11 @@ def print_table(results: dict) -> None:
     for r in results["lora"]:
         print(f"{'lora ' + r['shape']:<34}{r['lora_ms']:>10.3f}{r['linear_ms']:>10.3f}{r['fraction']:>9.0%} "
               f"{'<=20%':>9}{r['relative_error']:>10.1e}")
-    for batch, ms in results["decode_step"]["eager_ms"].items():
-        print(f"{'decode step batch ' + batch + ' (eager)':<34}{ms:>10.3f}")
-    print(f"cuda graphs: {results['decode_step']['cuda_graphs']}")
+    step = results["decode_step"]
+    for batch, eager_ms in step["eager_ms"].items():
+        graph_ms = step["graph_ms"][batch]
+        print(f"{'decode step batch ' + batch:<34}{graph_ms:>10.3f}{eager_ms:>10.3f}{eager_ms / graph_ms:>9.2f}x"
+              f"{'graphs':>9}{step['graph_max_abs_difference'][batch]:>10.1e}")
 
 
 def main() -> None:
@@ -256,7 +262,7 @@ def main() -> None:
         "decode": [bench_decode(name, h, kv, d, 64, context, copy_bytes_per_s) for name, h, kv, d in attention_shapes],
         "lora": [bench_lora(name, size, slices, 256, 32, 16) for name, size, slices in lora_shapes],
         "decode_step": {"model": "SmolLM2-135M shape, random weights", "context": context,
-                        "eager_ms": bench_decode_step([1, 8, 32], context), "cuda_graphs": cuda_graphs_status()},
+                        **bench_decode_step([1, 8, 32], context)},
     }
     assert all(math.isfinite(r["relative_error"]) for key in ("prefill", "decode", "lora") for r in results[key])
     print_table(results)

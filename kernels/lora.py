@@ -51,6 +51,10 @@ class LoraMapping:
         return not self.groups
 
     @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
     def max_group_len(self) -> int:
         return max(rows.shape[0] for _, rows in self.groups)
 
@@ -65,8 +69,52 @@ class LoraMapping:
         return sorted_rows, starts, slots
 
 
-def add_lora(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
-    """Add every token's adapter delta to output [num_tokens, out_features] in place; x is [num_tokens, in]."""
+@dataclass
+class PaddedLoraMapping:
+    """The kernels' packed mapping at fixed shapes, for CUDA graphs: a group for every slot (empty ones too) and
+    room for `capacity` tokens. A graph captured over it reads whatever `fill` last wrote into its tensors."""
+
+    sorted_rows: torch.Tensor  # [capacity] int64: token rows sorted by slot; only the first group_starts[-1] count
+    group_starts: torch.Tensor  # [num_slots + 1] int32
+    group_slots: torch.Tensor  # [num_slots] int32: group i is slot i
+    empty = False  # not a field: a graph runs the LoRA kernels whether or not a step uses adapters
+
+    @classmethod
+    def allocate(cls, num_slots: int, capacity: int, device: torch.device) -> "PaddedLoraMapping":
+        return cls(torch.zeros(capacity, dtype=torch.int64, device=device),
+                   torch.zeros(num_slots + 1, dtype=torch.int32, device=device),
+                   torch.arange(num_slots, dtype=torch.int32, device=device))
+
+    def prefix(self, capacity: int) -> "PaddedLoraMapping":
+        """The same tensors seen with room for fewer tokens (a smaller graph's view)."""
+        return PaddedLoraMapping(self.sorted_rows[:capacity], self.group_starts, self.group_slots)
+
+    def fill(self, token_slots: list[int]) -> None:
+        """Point the groups at the tokens of a new step (one slot per token, -1 for none)."""
+        rows = sorted((slot, row) for row, slot in enumerate(token_slots) if slot >= 0)
+        counts = torch.bincount(torch.tensor([slot for slot, _ in rows], dtype=torch.int64),
+                                minlength=self.num_groups)
+        self.group_starts.copy_(torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+        if rows:
+            self.sorted_rows[:len(rows)].copy_(torch.tensor([row for _, row in rows]))
+
+    @property
+    def num_groups(self) -> int:
+        return self.group_slots.shape[0]
+
+    @property
+    def max_group_len(self) -> int:
+        return self.sorted_rows.shape[0]
+
+    @property
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.sorted_rows, self.group_starts, self.group_slots
+
+
+def add_lora(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights,
+             mapping: LoraMapping | PaddedLoraMapping) -> None:
+    """Add every token's adapter delta to output [num_tokens, out_features] in place; x is [num_tokens, in]. A
+    padded mapping (CUDA graphs) only ever reaches the Triton path."""
     if output.is_cuda:
         # Imported here so the CPU server never needs a working Triton.
         from kernels.triton_lora import add_lora_triton

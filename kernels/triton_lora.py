@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora import LoraMapping, LoraWeights
+from kernels.lora import LoraMapping, LoraWeights, PaddedLoraMapping
 
 
 @triton.jit
@@ -86,7 +86,8 @@ def _expand_kernel(
     tl.store(pointers, (current + delta * scale).to(output.dtype.element_ty), mask=mask)
 
 
-def add_lora_triton(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
+def add_lora_triton(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights,
+                    mapping: LoraMapping | PaddedLoraMapping) -> None:
     """Same contract as `kernels.lora.add_lora`: add each token's adapter delta to output [num_tokens, out]."""
     if mapping.empty:
         return
@@ -100,7 +101,7 @@ def add_lora_triton(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights,
     assert shrunk_width == len(weights.slice_sizes) * rank and sum(weights.slice_sizes) == out_features
     assert x.stride(1) == 1 and output.stride(1) == 1
     assert weights.lora_a.stride(2) == 1 and weights.lora_b.stride(2) == 1
-    num_groups = len(mapping.groups)
+    num_groups = mapping.num_groups
     block_rows = 16 if max_group <= 16 else 64
     row_tiles = triton.cdiv(max_group, block_rows)
 

@@ -31,6 +31,8 @@ HELP = {
     "max_model_len": "longest prompt plus output, in tokens (default: the model's context, capped by the cache)",
     "max_num_batched_tokens": "token budget of one engine step (prefill chunks and decodes together)",
     "max_num_seqs": "requests running at once",
+    "cuda_graphs": "capture decode steps of up to --max-num-seqs requests as CUDA graphs at start-up and replay "
+                   "them (CUDA only; --no-cuda-graphs runs every step eagerly)",
     "prefix_caching": "reuse the KV-cache blocks of prompt prefixes earlier requests computed (same adapter version)",
     "max_queue": "requests allowed to wait; beyond that new ones get HTTP 429",
     "seed": "seeds the sampling of requests that bring no seed of their own",

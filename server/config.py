@@ -18,6 +18,7 @@ class ServerConfig:
     max_model_len: int | None = None  # defaults to the model's context length
     max_num_batched_tokens: int = 512  # token budget of one engine step
     max_num_seqs: int = 64  # requests running at once
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA only)
     prefix_caching: bool = True  # reuse the KV of full blocks that earlier requests computed
     max_queue: int = 256  # requests waiting before new ones get 429
     seed: int = 0  # seeds sampling of requests that bring no seed

@@ -52,6 +52,11 @@ class LLMEngine:
         self.adapters = AdapterRegistry(directory, base, slots, config.max_cpu_loras,
                                         config.max_lora_rank, listener=self.metrics)
         self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights)
+        if config.cuda_graphs and self.runner.device.type == "cuda":
+            started = time.monotonic()
+            self.runner.capture_graphs(config.max_num_seqs, self.max_model_len)
+            logger.info("captured CUDA graphs of decode steps for batch sizes %s in %.1f s",
+                        self.runner.graphs.sizes, time.monotonic() - started)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching, self.metrics)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs,
                                    self.adapters)

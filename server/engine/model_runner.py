@@ -3,6 +3,7 @@ import torch
 
 from kernels.attention import AttentionMetadata
 from kernels.lora import LoraMapping, LoraWeights
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.scheduler import ScheduledBatch
 from server.model.config import ModelConfig
 from server.model.llama import LlamaModel
@@ -32,6 +33,15 @@ class ModelRunner:
              torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(config.num_hidden_layers)
         ]
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture decode steps of up to `max_num_seqs` sequences as CUDA graphs; later decode-only steps that
+        fit replay them."""
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.lora_weights, max_num_seqs, max_model_len,
+                              self.block_size)
+        graphs.capture()
+        self.graphs = graphs
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
@@ -41,8 +51,11 @@ class ModelRunner:
         input_ids, positions, metadata, query_ends = self._prepare(batch)
         token_slots = [sequence.lora_slot for sequence, num_new in zip(batch.sequences, batch.num_new_tokens)
                        for _ in range(num_new)]
-        lora = LoraMapping.from_token_slots(token_slots, self.device)
-        hidden = self.model(input_ids, positions, metadata, self.kv_caches, self.lora_weights, lora)
+        if self.graphs is not None and self.graphs.fits(batch.num_new_tokens):
+            hidden = self.graphs.run(input_ids, positions, metadata, token_slots)
+        else:
+            lora = LoraMapping.from_token_slots(token_slots, self.device)
+            hidden = self.model(input_ids, positions, metadata, self.kv_caches, self.lora_weights, lora)
         sampling = [
             index for index, (sequence, num_new) in enumerate(zip(batch.sequences, batch.num_new_tokens))
             if sequence.num_computed_tokens + num_new == sequence.num_tokens + len(sequence.draft_token_ids)

@@ -22,6 +22,7 @@ PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [10, 11, 12, 13, 14, 10, 11, 12], lis
            [100, 3, 3, 250, 61, 7, 11]]
 ADAPTERS = (None, "attention", "everything")
 LENGTH = 40
+PRIMING = 24  # tokens of its own answer each prompt ends with
 
 
 def save_looping_llama(directory: Path, seed: int, **overrides) -> Path:
@@ -72,7 +73,7 @@ def adapter_dirs(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 @pytest.fixture
 def make_engine(target, adapter_dirs, tmp_path) -> Callable[..., LLMEngine]:
     def make(draft: LoadedModel | None = None, **settings) -> LLMEngine:
-        config = ServerConfig(**{"block_size": 4, "num_kv_blocks": 512, "max_loras": 2, "max_lora_rank": 8,
+        config = ServerConfig(**{"block_size": 4, "num_kv_blocks": 2048, "max_loras": 2, "max_lora_rank": 8,
                                  "spec_ngram_min": 1, "spec_ngram_max": 3, **settings})
         engine = LLMEngine(target, dataclasses.replace(config, adapter_dir=str(tmp_path / str(id(config)))),
                            draft=draft)
@@ -116,17 +117,23 @@ class Run:
 
 def mixed_workload(engine: LLMEngine) -> list[tuple[list[int], str | None, SamplingParams]]:
     """Every prompt with every adapter, under a plain length limit, an odd one, a stop string and a stop token
-    taken from the middle of its plain output (found by a run without speculation)."""
+    taken from early in its plain output (found by a run without speculation). Each prompt ends with the start of
+    its own plain answer, in which the looping model is already repeating itself: prompt lookup can then draft
+    the answer's first tokens from the prompt, so stops can land in its accepted runs too."""
     plain = SamplingParams(temperature=0.0, max_tokens=LENGTH, ignore_eos=True)
     pairs = [(prompt, name) for prompt in PROMPTS for name in ADAPTERS]
+    adapters = [engine.adapters.resolve(name) if name else None for _, name in pairs]
+    starts = engine.generate([prompt for prompt, _ in pairs], dataclasses.replace(plain, max_tokens=PRIMING),
+                             adapters)
+    pairs = [(prompt + start, name) for (prompt, name), start in zip(pairs, starts)]
     references = engine.generate([prompt for prompt, _ in pairs], plain,
                                  [engine.adapters.resolve(name) if name else None for _, name in pairs])
     workload = []
     for (prompt, name), reference in zip(pairs, references):
-        stop_text = engine.tokenizer.decode(reference[20:22])
+        stop_text = engine.tokenizer.decode(reference[5:7])
         workload += [(prompt, name, plain), (prompt, name, dataclasses.replace(plain, max_tokens=LENGTH - 3)),
                      (prompt, name, dataclasses.replace(plain, stop=[stop_text] if stop_text.strip() else [])),
-                     (prompt, name, dataclasses.replace(plain, stop_token_ids=[reference[25]]))]
+                     (prompt, name, dataclasses.replace(plain, stop_token_ids=[reference[6]]))]
     return workload
 
 

@@ -2,13 +2,21 @@
 import pytest
 import torch
 
-from kernels.lora import LoraMapping, LoraWeights
+from kernels.lora import LoraMapping, LoraWeights, PaddedLoraMapping
 from kernels.triton_lora import add_lora_triton
 from tests.kernels.helpers import relative_error
 
 
+def padded_mapping(token_slots: list[int], num_slots: int, device: str) -> PaddedLoraMapping:
+    """As a CUDA graph sees it: every slot a group, room for more tokens than there are, refilled in place."""
+    mapping = PaddedLoraMapping.allocate(num_slots, len(token_slots) + 5, torch.device(device))
+    mapping.fill([0] * len(token_slots))  # an earlier step's mapping, overwritten below
+    mapping.fill(token_slots)
+    return mapping
+
+
 def check_lora(token_slots: list[int], in_features: int, slice_sizes: list[int], rank: int, num_slots: int,
-               dtype: torch.dtype, device: str, tolerance: float) -> None:
+               dtype: torch.dtype, device: str, tolerance: float, padded: bool = False) -> None:
     generator = torch.Generator().manual_seed(len(token_slots) + rank)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -24,7 +32,9 @@ def check_lora(token_slots: list[int], in_features: int, slice_sizes: list[int],
     x = rand(len(token_slots), in_features)
     base = rand(len(token_slots), out_features)
     output = base.clone()
-    add_lora_triton(output, x, weights, LoraMapping.from_token_slots(token_slots, torch.device(device)))
+    mapping = (padded_mapping(token_slots, num_slots, device) if padded
+               else LoraMapping.from_token_slots(token_slots, torch.device(device)))
+    add_lora_triton(output, x, weights, mapping)
 
     expected = base.cpu().double()
     lora_a, lora_b = weights.lora_a.cpu().double(), weights.lora_b.cpu().double()
@@ -55,6 +65,11 @@ def test_mixed_adapters(slice_sizes: list[int], rank: int) -> None:
 
 def test_single_group_over_one_row_tile() -> None:
     check_lora([1] * 19 + [-1], 24, [16, 16], 16, 2, torch.float32, "cpu", 1e-5)
+
+
+@pytest.mark.parametrize("token_slots", [[3, -1, 0, 3, 0, -1, 3], [-1, -1, -1]], ids=["some slots", "no adapter"])
+def test_padded_mapping_with_empty_groups(token_slots: list[int]) -> None:
+    check_lora(token_slots, 40, [32, 16, 16], 8, 5, torch.float32, "cpu", 1e-5, padded=True)
 
 
 @pytest.mark.gpu
