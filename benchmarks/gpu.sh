@@ -77,6 +77,7 @@ stage_kernels() {
 }
 
 stage_serve() {
+    step "embedded model: CUDA against CPU" pytest_selected tests/engine/test_cuda_matches_cpu.py -q
     step "benchmarks.serve_throughput" "$PYTHON" -m benchmarks.serve_throughput --out "$RESULTS"
     step "benchmarks.adapters" "$PYTHON" -m benchmarks.adapters --device cuda --out "$RESULTS"
     step "benchmarks.prefix_cache" "$PYTHON" -m benchmarks.prefix_cache --device cuda --out "$RESULTS"

@@ -66,13 +66,15 @@ def _partition_kernel(
         keys = tl.load(key_cache + cache_offsets, mask=cache_mask, other=0.0)
         values = tl.load(value_cache + cache_offsets, mask=cache_mask, other=0.0)
 
-        scores = tl.dot(queries, tl.trans(keys)).to(tl.float32) * scale_log2
+        # "ieee": float32 operands multiply in float32, not TF32 (bfloat16 ones are unaffected).
+        scores = tl.dot(queries, tl.trans(keys), input_precision="ieee").to(tl.float32) * scale_log2
         scores = tl.where(key_valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         correction = tl.exp2(running_max - new_max)
         probabilities = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(probabilities, axis=1)
-        accumulator = accumulator * correction[:, None] + tl.dot(probabilities.to(values.dtype), values)
+        weighted = tl.dot(probabilities.to(values.dtype), values, input_precision="ieee")
+        accumulator = accumulator * correction[:, None] + weighted
         running_max = new_max
 
     # Partials are laid out [sequence, head, partition]; an empty partition stores a zero sum.

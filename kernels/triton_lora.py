@@ -46,7 +46,7 @@ def _shrink_kernel(
                          mask=row_valid[:, None] & column_valid[None, :], other=0.0)
         a_tile = tl.load(lora_a + slot * stride_a_slot + ranks[None, :] * stride_a_row + column[:, None],
                          mask=rank_valid[None, :] & column_valid[:, None], other=0.0)  # A^T tile
-        total += tl.dot(x_tile, a_tile)
+        total += tl.dot(x_tile, a_tile, input_precision="ieee")
     tl.store(shrunk + packed[:, None] * stride_shrunk_row + ranks[None, :], total,
              mask=row_valid[:, None] & rank_valid[None, :])
 
@@ -75,7 +75,7 @@ def _expand_kernel(
         shrunk_tile = tl.load(shrunk + packed[:, None] * stride_shrunk_row + index * rank + ranks[None, :],
                               mask=row_valid[:, None] & rank_valid[None, :], other=0.0)
         in_slice = (outs >= slice_start) & (outs < slice_end)
-        product = tl.dot(shrunk_tile.to(b_tile.dtype), b_tile).to(tl.float32)
+        product = tl.dot(shrunk_tile.to(b_tile.dtype), b_tile, input_precision="ieee").to(tl.float32)
         delta += tl.where(in_slice[None, :], product, 0.0)
         slice_start = slice_end
 

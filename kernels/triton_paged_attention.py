@@ -74,7 +74,8 @@ def _paged_attention_kernel(
         keys = tl.load(key_cache + cache_offsets, mask=cache_mask, other=0.0)
         values = tl.load(value_cache + cache_offsets, mask=cache_mask, other=0.0)
 
-        scores = tl.dot(queries, tl.trans(keys)).to(tl.float32) * scale_log2
+        # "ieee": float32 operands multiply in float32, not TF32 (bfloat16 ones are unaffected).
+        scores = tl.dot(queries, tl.trans(keys), input_precision="ieee").to(tl.float32) * scale_log2
         visible = key_valid[None, :] & (key_position[None, :] <= query_position[:, None])
         scores = tl.where(visible, scores, float("-inf"))
 
@@ -82,7 +83,8 @@ def _paged_attention_kernel(
         correction = tl.exp2(running_max - new_max)
         probabilities = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(probabilities, axis=1)
-        accumulator = accumulator * correction[:, None] + tl.dot(probabilities.to(values.dtype), values)
+        weighted = tl.dot(probabilities.to(values.dtype), values, input_precision="ieee")
+        accumulator = accumulator * correction[:, None] + weighted
         running_max = new_max
 
     # Padding rows saw no key; keep them finite (they are never stored).

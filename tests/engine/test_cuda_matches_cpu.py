@@ -1,0 +1,33 @@
+"""The server's CUDA path (Triton kernels, CUDA graphs) gives the CPU reference path's greedy tokens on the
+embedded model (GPU only)."""
+import pytest
+import torch
+
+from server.config import ServerConfig
+from server.engine.engine import LLMEngine
+from server.engine.sampling_params import SamplingParams
+from server.model.errors import ModelLoadError
+from server.model.loader import load_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+             "Explain what a GPU is in one sentence."]
+NUM_TOKENS = 40
+
+
+def greedy_answers(device: str) -> list[list[int]]:
+    try:
+        loaded = load_model("embedded", torch.device(device), torch.float32)
+    except ModelLoadError as error:
+        pytest.skip(str(error))
+    tokenizer = loaded.tokenizer
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]),
+                                add_special_tokens=False) for question in QUESTIONS]
+    engine = LLMEngine(loaded, ServerConfig(num_kv_blocks=256))
+    return engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True))
+
+
+def test_float32_greedy_tokens_match_the_cpu_path() -> None:
+    assert greedy_answers("cuda") == greedy_answers("cpu")
