@@ -85,7 +85,7 @@ class DraftModelProposer:
     def _choose(logits: torch.Tensor, shadows: list[Sequence]) -> tuple[list[int], list[torch.Tensor | None]]:
         """Each shadow's draft token: the argmax for greedy requests, else a draw from q (kept for verification)."""
         rows = [Row(shadow) for shadow in shadows]
-        logits = apply_penalties(logits.float(), rows)
+        logits = apply_penalties(logits.float().clone(), rows)  # .float() of float32 is no copy
         tokens: list[int] = logits.argmax(dim=-1).tolist()
         probs: list[torch.Tensor | None] = [None] * len(shadows)
         sampled = [index for index, shadow in enumerate(shadows) if not shadow.params.greedy]

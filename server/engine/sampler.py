@@ -74,7 +74,8 @@ def truncate_distribution(logits: torch.Tensor, params: list[SamplingParams]) ->
         ranks = torch.arange(logits.shape[1], device=device)[None, :]
         k = torch.tensor([value or logits.shape[1] for value in top_k], device=device)
         drop = ranks >= k[:, None]
-        sorted_probs = sorted_logits.softmax(dim=-1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        sorted_probs = sorted_logits.softmax(dim=-1)  # top-p judges what top-k kept, renormalised (as HF does)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop |= mass_before >= torch.tensor(top_p, device=device)[:, None]  # keeps at least the top token
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))

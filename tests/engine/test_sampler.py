@@ -64,6 +64,7 @@ def test_top_k_top_p_and_min_p_never_draw_outside_their_set():
         (SamplingParams(top_p=0.8), {0, 1}),  # probabilities ~0.64, 0.23, 0.09, ...
         (SamplingParams(min_p=0.3), {0, 1}),  # 0.23 / 0.64 > 0.3; 0.09 / 0.64 < 0.3
         (SamplingParams(top_k=1, temperature=1.5), {0}),
+        (SamplingParams(top_k=2, top_p=0.7), {0}),  # top-p judges top-k's renormalised pick: 0.73, 0.27
     ]
     for params, allowed in cases:
         sequence = make_sequence(params)
@@ -82,3 +83,14 @@ def test_penalties_push_away_from_seen_tokens():
     in_prompt_only = make_sequence(SamplingParams(temperature=0.0, frequency_penalty=2.0), tokens=(3, 5),
                                    prompt_length=1)
     assert sampled_tokens(logits.clone(), [in_prompt_only]) == [3]  # OpenAI penalties count output tokens only
+
+
+def test_each_draft_position_is_penalised_as_if_the_drafts_before_it_were_accepted():
+    logits = torch.zeros(3, VOCAB)
+    logits[0, 5] = 1.0  # the first draft, 5, is the argmax: accepted
+    logits[1, 5], logits[1, 6] = 1.0, 0.9  # 5 again, unless penalised for the accepted 5 before it
+    sequence = make_sequence(SamplingParams(temperature=0.0, repetition_penalty=2.0), tokens=(1, 2, 3))
+    sequence.draft_token_ids = [5, 5]
+    (result,) = sample(logits, [sequence])
+    assert result.token_ids == [5, 6]  # the second draft rejected; the target's 6 in its place
+    assert (result.num_drafts, result.num_accepted) == (2, 1)
