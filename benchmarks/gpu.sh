@@ -81,6 +81,7 @@ stage_serve() {
     step "benchmarks.serve_throughput" "$PYTHON" -m benchmarks.serve_throughput --out "$RESULTS"
     step "benchmarks.adapters" "$PYTHON" -m benchmarks.adapters --device cuda --out "$RESULTS"
     step "benchmarks.prefix_cache" "$PYTHON" -m benchmarks.prefix_cache --device cuda --out "$RESULTS"
+    step "benchmarks.spec_decode" "$PYTHON" -m benchmarks.spec_decode --device cuda --out "$RESULTS"
 }
 
 echo "=== gpu.sh $STAGE, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(git rev-parse --short HEAD 2>/dev/null || echo 'no git')"
