@@ -74,3 +74,13 @@ def test_a_request_can_turn_speculation_off(server, spec_server):
     assert growth(spec_counters(spec_server), before)["drafts"] == 0
     assert lorax_tokens(spec_server, COPY_PROMPT) == lorax_tokens(server, COPY_PROMPT)
     assert growth(spec_counters(spec_server), before)["drafts"] > 0
+
+
+def test_a_server_with_a_draft_model_proposes_with_it(tiny_model_dir, tmp_path):
+    """The target as its own draft: every greedy draft is accepted."""
+    for server in start_server(tmp_path, "--max-model-len", "128", "--num-kv-blocks", "64", "--spec-tokens", "3",
+                               "--draft-model", str(tiny_model_dir), model=str(tiny_model_dir)):
+        answer = completion(server, [5, 6, 7, 8], max_tokens=20)
+        assert answer["finish_reason"] == "length"
+        counts = spec_counters(server)
+        assert counts["draft_tokens"] > 0 and counts["accepted_tokens"] == counts["draft_tokens"]
