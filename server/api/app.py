@@ -50,6 +50,7 @@ async def info(request: Request, engine: AsyncEngine = Depends(engine_of)) -> di
         "max_total_tokens": engine.max_model_len,
         "max_batch_total_tokens": stats.num_total_blocks * config.block_size,
         "max_batch_prefill_tokens": config.max_num_batched_tokens, "block_size": config.block_size,
+        "speculate": config.spec_tokens,
         "version": package_version(), "sha": None, "docker_label": None,
         # Not in LoRAX's /info: what adapters hold right now, for operators and tests.
         "adapter_slots_in_use": engine.adapters.slots_in_use(), "adapter_references": engine.adapters.num_references(),

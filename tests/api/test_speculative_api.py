@@ -55,6 +55,11 @@ def test_greedy_answers_equal_the_plain_server(server, spec_server, prompt):
     assert completion(spec_server, prompt, stop=[stop]) == completion(server, prompt, stop=[stop])
 
 
+def test_info_reports_the_draft_length(server, spec_server):
+    assert httpx.get(f"{spec_server.url}/info").json()["speculate"] == SPEC_TOKENS
+    assert httpx.get(f"{server.url}/info").json()["speculate"] == 0
+
+
 def test_draft_counters_add_up(spec_server):
     before = spec_counters(spec_server)
     answer = completion(spec_server, COPY_PROMPT)
