@@ -6,6 +6,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels.triton_decode_attention import _merge_kernel, _partition_kernel
 from kernels.triton_kv_write import _write_kv_kernel
 from kernels.triton_lora import _expand_kernel, _shrink_kernel
 from kernels.triton_paged_attention import _paged_attention_kernel
@@ -32,6 +33,16 @@ def main() -> None:
         compile_kernel(_paged_attention_kernel, attention_pointers, dict(
             GROUP=group, GROUP_PADDED=group_padded, HEAD_DIM=head_dim, DIM_PADDED=head_dim,
             BLOCK_QUERY=block_query, BLOCK_KEY=block_key))
+    for cache_type, group, rows, head_dim in ((data, 3, 16, 64), (data, 8, 16, 128), ("*fp32", 1, 16, 64)):
+        decode_pointers = dict.fromkeys(["query", "key_cache", "value_cache"], cache_type) | dict.fromkeys(
+            ["partial_output", "partial_max", "partial_sum"], "*fp32") | dict.fromkeys(
+            ["block_tables", "seq_lens"], "*i32") | {"scale_log2": "fp32"}
+        compile_kernel(_partition_kernel, decode_pointers, dict(
+            GROUP=group, ROWS=rows, HEAD_DIM=head_dim, DIM_PADDED=head_dim, PARTITION=512,
+            BLOCK_KEY=64 if head_dim <= 64 else 32))
+    compile_kernel(_merge_kernel, {"output": data} | dict.fromkeys(["partial_output", "partial_max", "partial_sum"],
+                                                                    "*fp32"),
+                   dict(HEAD_DIM=64, DIM_PADDED=64, PARTITIONS_PADDED=16))
     groups = {"sorted_rows": "*i64", "group_starts": "*i32", "group_slots": "*i32", "shrunk": "*fp32"}
     compile_kernel(_shrink_kernel, groups | {"x": data, "lora_a": data},
                    dict(BLOCK_ROWS=64, BLOCK_RANK=64, BLOCK_IN=64))
