@@ -1,5 +1,6 @@
 """Speculative decoding through HTTP on the embedded model: prompt lookup changes no greedy answer, its counters
 add up, and a request can turn it off."""
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -89,3 +90,18 @@ def test_a_server_with_a_draft_model_proposes_with_it(tiny_model_dir, tmp_path):
         assert answer["finish_reason"] == "length"
         counts = spec_counters(server)
         assert counts["draft_tokens"] > 0 and counts["accepted_tokens"] == counts["draft_tokens"]
+
+
+def test_streams_carry_every_token_of_a_multi_token_step(server, spec_server):
+    """LoRAX streams one event per token, OpenAI one chunk per step: both add up to the plain server's answer."""
+    body = {"inputs": COPY_PROMPT, "parameters": {"max_new_tokens": 32}}
+    with httpx.stream("POST", f"{spec_server.url}/generate_stream", json=body, timeout=120) as response:
+        events = [json.loads(line[len("data:"):]) for line in response.iter_lines() if line.startswith("data:")]
+    assert [event["token"]["id"] for event in events] == lorax_tokens(server, COPY_PROMPT)
+    body = {"prompt": COPY_PROMPT, "max_tokens": 48, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{spec_server.url}/v1/completions", json=body, timeout=120) as response:
+        chunks = [line[len("data:"):].strip() for line in response.iter_lines() if line.startswith("data:")]
+    assert chunks[-1] == "[DONE]"
+    streamed = "".join(json.loads(chunk)["choices"][0]["text"] for chunk in chunks[:-1])
+    assert streamed == completion(server, COPY_PROMPT)["text"]
+    assert len(chunks) - 1 < 48  # fewer chunks than tokens: several tokens came in one step
