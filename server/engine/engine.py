@@ -38,14 +38,12 @@ class LLMEngine:
         self.model_config = loaded.config
         self.metrics = metrics or Metrics()
         parameter = next(loaded.model.parameters())
-        block_bytes = kv_block_bytes(loaded.config, config.block_size, parameter.dtype)
-        num_blocks = config.num_kv_blocks or config.kv_cache_memory // block_bytes
-        if num_blocks < 1:
-            raise ValueError(f"the KV cache holds no block: one block takes {block_bytes} bytes")
+        num_blocks, block_bytes = kv_cache_blocks(config, [model for model in (loaded, draft) if model is not None])
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings, num_blocks * config.block_size)
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB); max model length %d", num_blocks,
-                    config.block_size, num_blocks * block_bytes / 2**20, self.max_model_len)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB%s); max model length %d", num_blocks,
+                    config.block_size, num_blocks * block_bytes / 2**20, " with the draft's" if draft else "",
+                    self.max_model_len)
         base = adapter_base_shape(loaded.config)
         slots = SlotPool(base, config.max_loras, config.max_lora_rank, parameter.device, parameter.dtype)
         directory, self.adapter_scratch = adapter_directory(config)
@@ -208,6 +206,17 @@ class LLMEngine:
             for output in self.step():
                 outputs[output.request_id].extend(output.token_ids)
         return [outputs[request_id] for request_id in request_ids]
+
+
+def kv_cache_blocks(config: ServerConfig, models: list[LoadedModel]) -> tuple[int, int]:
+    """How many KV blocks each model's cache gets (a draft model's cache has as many as the target's, out of
+    the same --kv-cache-memory), and the bytes one block takes in all of them together."""
+    block_bytes = sum(kv_block_bytes(loaded.config, config.block_size, next(loaded.model.parameters()).dtype)
+                      for loaded in models)
+    num_blocks = config.num_kv_blocks or config.kv_cache_memory // block_bytes
+    if num_blocks < 1:
+        raise ValueError(f"the KV cache holds no block: one block takes {block_bytes} bytes")
+    return num_blocks, block_bytes
 
 
 def make_proposer(config: ServerConfig, target: ModelConfig, draft: LoadedModel | None, num_blocks: int

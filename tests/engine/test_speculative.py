@@ -201,3 +201,10 @@ def test_a_draft_model_must_share_the_vocabulary(target, tmp_path):
         LLMEngine(target, ServerConfig(block_size=4, num_kv_blocks=64, spec_tokens=2), draft=other)
     with pytest.raises(ValueError, match="spec-tokens"):
         LLMEngine(target, ServerConfig(block_size=4, num_kv_blocks=64), draft=target)
+
+
+def test_the_draft_cache_comes_out_of_the_same_kv_memory(target):
+    alone = LLMEngine(target, ServerConfig(block_size=4, kv_cache_memory=1 << 20))
+    with_draft = LLMEngine(target, ServerConfig(block_size=4, kv_cache_memory=1 << 20, spec_tokens=2), draft=target)
+    assert with_draft.block_manager.num_blocks == alone.block_manager.num_blocks // 2
+    assert with_draft.proposer.block_manager.num_blocks == with_draft.block_manager.num_blocks
