@@ -1,6 +1,10 @@
 """Prompt lookup proposes what followed an earlier occurrence of the longest matching suffix: the latest one
 followed by enough tokens."""
+import torch
+
 from server.engine.proposers import NgramProposer
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import Sequence
 
 
 def test_the_longest_suffix_match_wins_over_a_later_shorter_one():
@@ -28,3 +32,15 @@ def test_no_match_shorter_than_min_n_proposes_nothing():
 
 def test_a_run_of_one_token_proposes_more_of_it():
     assert NgramProposer(min_n=1, max_n=3).lookup([6] * 9, limit=3) == [6, 6, 6]
+
+
+def test_a_request_history_follows_its_tokens_and_is_released():
+    proposer = NgramProposer(min_n=2, max_n=3)
+    sequence = Sequence("r", [1, 2, 3, 4, 9, 1, 2], 5, SamplingParams(), torch.Generator())
+    proposer.propose([sequence], [2])
+    assert sequence.draft_token_ids == [3, 4]
+    sequence.token_ids += [3, 4, 9] * 100 + [7, 8, 1, 2]  # past the history's first allocation
+    proposer.propose([sequence], [3])
+    assert sequence.draft_token_ids == [3, 4, 9] == proposer.lookup(sequence.token_ids, 3)
+    proposer.release("r")
+    assert not proposer.histories

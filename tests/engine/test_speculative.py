@@ -140,6 +140,7 @@ def mixed_workload(engine: LLMEngine) -> list[tuple[list[int], str | None, Sampl
 def assert_everything_returned(engine: LLMEngine) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert engine.adapters.num_references() == 0 and engine.adapters.num_pins() == 0
+    assert not getattr(engine.proposer, "histories", None)  # prompt lookup keeps nothing of finished requests
     proposer_blocks = getattr(engine.proposer, "block_manager", None)
     if proposer_blocks is not None:
         assert proposer_blocks.num_free_blocks == proposer_blocks.num_blocks
