@@ -57,12 +57,21 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             for with_lora in (False, True) if self.lora is not None else (False,):
-                self._forward(size, with_lora)  # outside the graph: Triton compiles, lazy tensors get made
-                torch.cuda.synchronize()
+                self._warm_up(size, with_lora)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     hidden = self._forward(size, with_lora)
                 self.steps[size, with_lora] = CapturedStep(graph, hidden)
+
+    def _warm_up(self, size: int, with_lora: bool) -> None:
+        """One run before capture, on a side stream as PyTorch asks: Triton compiles its kernels and lazily made
+        tensors (the LoRA slice offsets) exist before the graph records anything."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(size, with_lora)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
 
     def _forward(self, size: int, with_lora: bool) -> torch.Tensor:
         metadata = AttentionMetadata(
