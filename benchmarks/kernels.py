@@ -194,7 +194,6 @@ def bench_decode_step(batch_sizes: list[int], context: int) -> dict:
             results["eager_ms"][str(batch)] = bench_ms(eager)
             results["graph_ms"][str(batch)] = bench_ms(replayed)
             results["graph_max_abs_difference"][str(batch)] = (eager() - replayed()).abs().max().item()
-        del caches, kv_caches, graphs
     return results
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from server.config import ServerConfig
-from server.engine.async_engine import resolve_device, resolve_dtype
+from benchmarks.embedded import add_device_and_out, load_embedded
 from server.engine.engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch
-from server.model.loader import LoadedModel, load_model
+from server.model.loader import LoadedModel
 
 
 def make_prompts(count: int, system_tokens: int, question_tokens: int, vocab_size: int) -> list[list[int]]:
@@ -121,13 +121,10 @@ def main() -> None:
     parser.add_argument("--system-tokens", type=int, default=1024)
     parser.add_argument("--question-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    add_device_and_out(parser)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
-    print("loading the embedded model...", file=sys.stderr)
-    loaded = load_model("embedded", device, resolve_dtype("auto", device))
+    loaded = load_embedded(args)
+    device = next(loaded.model.parameters()).device
     prompts = make_prompts(args.requests, args.system_tokens, args.question_tokens, loaded.config.vocab_size)
     off, on = (measure(loaded, prompts, args.max_tokens, caching) for caching in (False, True))
     summary = {"requests": args.requests, "system_tokens": args.system_tokens,

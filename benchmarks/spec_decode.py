@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from server.config import ServerConfig
-from server.engine.async_engine import resolve_device, resolve_dtype
+from benchmarks.embedded import add_device_and_out, load_embedded
 from server.engine.engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
-from server.model.loader import LoadedModel, load_model
+from server.model.loader import LoadedModel
 
 PASSAGES = {
     "lighthouse": (
@@ -261,13 +261,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=4, help="requests per workload at batch 1")
     parser.add_argument("--batch", type=int, default=8, help="the larger batch size (as many requests)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    add_device_and_out(parser)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
-    print("loading the embedded model...", file=sys.stderr)
-    loaded = load_model("embedded", device, resolve_dtype("auto", device))
+    loaded = load_embedded(args)
+    device = next(loaded.model.parameters()).device
     workloads = {"repeating": repeating_messages(), "non-repeating": OPEN_QUESTIONS}
     results = []
     for workload, messages in workloads.items():

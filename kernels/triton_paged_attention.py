@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention import AttentionMetadata
+from kernels.triton_attention_tile import attend_tile
 from kernels.triton_decode_attention import decode_attention_triton, num_partitions
 
 
@@ -62,30 +63,11 @@ def _paged_attention_kernel(
     last_token = tl.minimum(query_len, (query_tile + 1) * BLOCK_QUERY)
     context_end = tl.where(query_tile * BLOCK_QUERY < query_len, context_before + last_token, 0)
     table = block_tables + sequence.to(tl.int64) * stride_table_seq
-    key_offsets = tl.arange(0, BLOCK_KEY)
     for key_start in range(0, context_end, BLOCK_KEY):
-        key_position = key_start + key_offsets
-        key_valid = key_position < context_end
-        physical_block = tl.load(table + key_position // block_size, mask=key_valid, other=0).to(tl.int64)
-        cache_offsets = (physical_block[:, None] * stride_cache_block
-                         + (key_position % block_size)[:, None] * stride_cache_slot
-                         + kv_head * stride_cache_head + dims[None, :])
-        cache_mask = key_valid[:, None] & dim_valid[None, :]
-        keys = tl.load(key_cache + cache_offsets, mask=cache_mask, other=0.0)
-        values = tl.load(value_cache + cache_offsets, mask=cache_mask, other=0.0)
-
-        # "ieee": float32 operands multiply in float32, not TF32 (bfloat16 ones are unaffected).
-        scores = tl.dot(queries, tl.trans(keys), input_precision="ieee").to(tl.float32) * scale_log2
-        visible = key_valid[None, :] & (key_position[None, :] <= query_position[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        correction = tl.exp2(running_max - new_max)
-        probabilities = tl.exp2(scores - new_max[:, None])
-        running_sum = running_sum * correction + tl.sum(probabilities, axis=1)
-        weighted = tl.dot(probabilities.to(values.dtype), values, input_precision="ieee")
-        accumulator = accumulator * correction[:, None] + weighted
-        running_max = new_max
+        running_max, running_sum, accumulator = attend_tile(
+            queries, running_max, running_sum, accumulator, key_cache, value_cache, table,
+            key_start, context_end, query_position, kv_head, dims, dim_valid,
+            stride_cache_block, stride_cache_slot, stride_cache_head, block_size, scale_log2, BLOCK_KEY)
 
     # Padding rows saw no key; keep them finite (they are never stored).
     result = accumulator / tl.where(running_sum > 0, running_sum, 1.0)[:, None]

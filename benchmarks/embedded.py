@@ -1,0 +1,20 @@
+"""What the in-process benchmarks on the embedded model share: their device and output flags, and the model."""
+import argparse
+import sys
+from pathlib import Path
+
+from server.engine.async_engine import resolve_device, resolve_dtype
+from server.model.loader import LoadedModel, load_model
+
+
+def add_device_and_out(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+
+
+def load_embedded(args: argparse.Namespace) -> LoadedModel:
+    """The embedded model on --device at the server's default dtype; creates --out for the results."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    print("loading the embedded model...", file=sys.stderr)
+    return load_model("embedded", device, resolve_dtype("auto", device))
