@@ -1,11 +1,11 @@
 """Decides which requests run in the next step, and how many of their tokens, within a token budget.
 
 Running requests go first, oldest first, each taking a decode token (and its draft tokens, when speculating) or
-the rest of its prefill (chunked to fit the budget); waiting requests are admitted in arrival order with what budget is left, skipping the leading blocks
-the prefix cache already holds. When the cache runs out of blocks, the newest running request is preempted: its
-blocks are freed and it is recomputed later. A request with an adapter is admitted only once its adapter holds a
-slot, so a step never has more distinct adapters than there are slots; the oldest waiting request is never
-overtaken, so none starves.
+the rest of its prefill (chunked to fit the budget); waiting requests are admitted in arrival order with what
+budget is left, skipping the leading blocks the prefix cache already holds. When the cache runs out of blocks,
+the newest running request is preempted: its blocks are freed and it is recomputed later. A request with an
+adapter is admitted only once its adapter holds a slot, so a step never has more distinct adapters than there are
+slots; the oldest waiting request is never overtaken, so none starves.
 """
 import time
 from collections import deque
