@@ -29,6 +29,7 @@ def check_attention(query_lens: list[int], seq_lens: list[int], num_kv_heads: in
     (2, 1, 16, 4),
     (1, 3, 32, 8),
     (1, 8, 16, 16),
+    (1, 3, 96, 8),  # a head size that is not a power of two: padded to 128 inside the kernel
 ])
 def test_mixed_batch(num_kv_heads: int, group: int, head_dim: int, block_size: int) -> None:
     check_attention(QUERY_LENS, SEQ_LENS, num_kv_heads, group, head_dim, block_size, torch.float32, "cpu", 1e-5)
@@ -42,6 +43,7 @@ def test_decode_only() -> None:
     (2, 1, 16, 64),
     (1, 3, 32, 64),
     (1, 8, 128, 32),
+    (2, 3, 96, 32),
 ])
 def test_split_context_decode(num_kv_heads: int, group: int, head_dim: int, partition_size: int) -> None:
     """Contexts of one token, of less than one partition, and of several, some ending mid-partition."""
