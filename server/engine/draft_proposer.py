@@ -110,7 +110,8 @@ class DraftModelProposer:
             agreed += 1
         del shadow.token_ids[agreed:]
         shadow.token_ids.extend(sequence.token_ids[agreed:])
-        shadow.num_computed_tokens = min(shadow.num_computed_tokens, agreed)
+        # The last token is computed again when the target gained none (it was not scheduled): its logits are needed.
+        shadow.num_computed_tokens = min(shadow.num_computed_tokens, agreed, shadow.num_tokens - 1)
         self.block_manager.rollback(shadow)
         state.num_verified = sequence.num_tokens
         return shadow
