@@ -3,7 +3,9 @@ with its own paged KV cache, block manager and runner (it takes no adapters).
 
 Each request gets a shadow sequence in the draft's cache: the target's verified tokens, then the drafts. When
 the target's verification comes back, the shadow keeps the KV of the drafts that were accepted and rolls back the
-rest, so a step normally costs the draft one or two catch-up tokens, then one token per further draft.
+rest, so a step normally costs the draft one or two catch-up tokens, then one token per further draft. A shadow
+lives until its request finishes (a preempted request keeps its tokens, so its shadow stays valid); when the
+draft's cache is full, the requests that do not fit get no drafts that step.
 """
 from dataclasses import dataclass
 
