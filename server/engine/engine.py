@@ -51,10 +51,7 @@ class LLMEngine:
                                         config.max_lora_rank, listener=self.metrics)
         self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights)
         if config.cuda_graphs and self.runner.device.type == "cuda":
-            started = time.monotonic()
-            self.runner.capture_graphs(config.max_num_seqs, self.max_model_len)
-            logger.info("captured CUDA graphs of decode steps for batch sizes %s in %.1f s",
-                        self.runner.graphs.sizes, time.monotonic() - started)
+            self._capture_graphs(config.max_num_seqs)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching, self.metrics)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs,
                                    self.adapters)
@@ -63,6 +60,17 @@ class LLMEngine:
         self.seed_source = random.Random(config.seed)
         self.num_speculative_tokens = config.spec_tokens
         self.proposer = make_proposer(config, loaded.config, draft, num_blocks)
+
+    def _capture_graphs(self, max_num_seqs: int) -> None:
+        """CUDA graphs of decode steps; if capture fails the server still serves, every step run eagerly."""
+        started = time.monotonic()
+        try:
+            self.runner.capture_graphs(max_num_seqs, self.max_model_len)
+        except Exception:  # a failed capture (an unsupported op, out of memory) costs speed, not service
+            logger.exception("capturing CUDA graphs failed: decode steps run eagerly (--no-cuda-graphs skips this)")
+            return
+        logger.info("captured CUDA graphs of decode steps for batch sizes %s in %.1f s", self.runner.graphs.sizes,
+                    time.monotonic() - started)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Refuse what can never run; raises RequestValidationError with a message for the client."""
