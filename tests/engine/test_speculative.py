@@ -11,11 +11,9 @@ from transformers import LlamaForCausalLM
 
 from server.config import ServerConfig
 from server.engine import engine as engine_module
-from server.engine.draft_proposer import DraftModelProposer
 from server.engine.engine import LLMEngine
 from server.engine.sampler import Sampled
 from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Sequence
 from server.model.loader import LoadedModel, load_model
 from tests.api.lora_helpers import save_random_adapter
 from tests.model.helpers import save_tiny_llama
@@ -211,16 +209,3 @@ def test_the_draft_cache_comes_out_of_the_same_kv_memory(target):
     with_draft = LLMEngine(target, ServerConfig(block_size=4, kv_cache_memory=1 << 20, spec_tokens=2), draft=target)
     assert with_draft.block_manager.num_blocks == alone.block_manager.num_blocks // 2
     assert with_draft.proposer.block_manager.num_blocks == with_draft.block_manager.num_blocks
-
-
-def test_a_draft_model_proposes_again_for_a_request_left_out_of_a_step(drafts):
-    proposer = DraftModelProposer(drafts["draft model"], num_blocks=64, block_size=4, max_num_batched_tokens=64)
-    prompt = PROMPTS[0]
-    sequence = Sequence("r", list(prompt), len(prompt), SamplingParams(temperature=0.0), torch.Generator())
-    proposer.propose([sequence], [3])
-    first = list(sequence.draft_token_ids)
-    sequence.truncate_drafts()
-    proposer.propose([sequence], [3])  # the target verified nothing in between (it was not scheduled)
-    assert len(first) == 3 and sequence.draft_token_ids == first
-    proposer.release("r")
-    assert proposer.block_manager.num_free_blocks == 64

@@ -1,0 +1,41 @@
+"""The draft model's proposer on its own: drafts, shadows and their blocks."""
+import torch
+
+from server.engine.draft_proposer import DraftModelProposer
+from server.engine.sampling_params import SamplingParams
+from server.engine.sequence import Sequence
+from server.model.loader import LoadedModel
+
+PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
+
+
+def greedy_sequence(request_id: str) -> Sequence:
+    return Sequence(request_id, list(PROMPT), len(PROMPT), SamplingParams(temperature=0.0), torch.Generator())
+
+
+def test_a_request_left_out_of_a_step_gets_the_same_drafts_again(tiny_model: LoadedModel) -> None:
+    proposer = DraftModelProposer(tiny_model, num_blocks=64, block_size=4, max_num_batched_tokens=64)
+    sequence = greedy_sequence("r")
+    proposer.propose([sequence], [3])
+    first = list(sequence.draft_token_ids)
+    sequence.truncate_drafts()
+    proposer.propose([sequence], [3])  # the target verified nothing in between (it was not scheduled)
+    assert len(first) == 3 and sequence.draft_token_ids == first
+    proposer.release("r")
+    assert proposer.block_manager.num_free_blocks == 64 and not proposer.shadows
+
+
+def test_accepted_drafts_keep_their_kv_and_rejected_ones_are_rolled_back(tiny_model: LoadedModel) -> None:
+    proposer = DraftModelProposer(tiny_model, num_blocks=64, block_size=4, max_num_batched_tokens=64)
+    sequence = greedy_sequence("r")
+    proposer.propose([sequence], [4])
+    drafts = list(sequence.draft_token_ids)
+    sequence.truncate_drafts()
+    sequence.token_ids += drafts[:2] + [(drafts[2] + 1) % 320]  # two accepted, the third replaced
+    shadow = proposer.shadows["r"].sequence
+    assert shadow.num_computed_tokens == len(PROMPT) + 3  # the prompt and three drafts, before verification
+    proposer.propose([sequence], [4])
+    # Kept: the prompt and the two accepted drafts; computed now: the replacement and the first three new drafts.
+    assert shadow.token_ids[:len(sequence.token_ids)] == sequence.token_ids
+    assert shadow.num_computed_tokens == len(sequence.token_ids) + 3
+    assert len(shadow.block_table) == -(-shadow.num_computed_tokens // 4)  # no block past the computed tokens
