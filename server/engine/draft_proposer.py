@@ -92,8 +92,9 @@ class DraftModelProposer:
         probs: list[torch.Tensor | None] = [None] * len(shadows)
         sampled = [index for index, shadow in enumerate(shadows) if not shadow.params.greedy]
         distributions = sampling_probabilities(logits[sampled], [rows[index] for index in sampled])
-        for index, distribution in zip(sampled, distributions):
-            tokens[index] = draw(distribution, shadows[index].generator)
+        draws = [draw(distribution, shadows[index].generator) for index, distribution in zip(sampled, distributions)]
+        for index, distribution, token in zip(sampled, distributions, torch.stack(draws).tolist() if draws else []):
+            tokens[index] = token
             probs[index] = distribution
         return tokens, probs
 

@@ -92,11 +92,12 @@ def sampling_probabilities(logits: torch.Tensor, rows: list[Row]) -> torch.Tenso
     return truncate_distribution(logits, [row.params for row in rows]).softmax(dim=-1)
 
 
-def draw(weights: torch.Tensor, generator: torch.Generator) -> int:
+def draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token with probability proportional to `weights` (need not sum to one): the argmax of the weights
-    over exponential noise, which spares normalising and a cumulative sum."""
+    over exponential noise, which spares normalising and a cumulative sum. Returned as a 0-dim tensor, so a step's
+    draws reach the host in one read."""
     noise = torch.empty_like(weights).exponential_(generator=generator)
-    return int((weights / noise).argmax())
+    return (weights / noise).argmax()
 
 
 def token_logprob(logprobs: torch.Tensor, token: int, params: SamplingParams) -> TokenLogprob | None:
@@ -110,9 +111,9 @@ def token_logprob(logprobs: torch.Tensor, token: int, params: SamplingParams) ->
 
 
 def accept_sampled(drafts: list[int], probs: torch.Tensor, draft_probs: torch.Tensor | None,
-                   generator: torch.Generator) -> list[int]:
+                   generator: torch.Generator) -> tuple[list[int], torch.Tensor]:
     """Rejection sampling of one sequence's drafts against target probabilities `probs` [k + 1, vocab]; return
-    the accepted drafts and one token after them."""
+    the accepted drafts and the token drawn after them (from `draw`)."""
     k = len(drafts)
     if k:
         positions = torch.arange(k, device=probs.device)
@@ -123,8 +124,8 @@ def accept_sampled(drafts: list[int], probs: torch.Tensor, draft_probs: torch.Te
         kept = (uniform * proposed < target).tolist()  # u < p / q, without dividing by a q of zero
         if not all(kept):
             rejected = kept.index(False)
-            return drafts[:rejected] + [draw(residual(probs[rejected], draft_probs, rejected, drafts), generator)]
-    return drafts + [draw(probs[k], generator)]
+            return drafts[:rejected], draw(residual(probs[rejected], draft_probs, rejected, drafts), generator)
+    return drafts, draw(probs[k], generator)
 
 
 def residual(target: torch.Tensor, draft_probs: torch.Tensor | None, position: int, drafts: list[int]
@@ -156,17 +157,37 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[Sampled]:
     argmax = logits.argmax(dim=-1).tolist()
     sampled_rows = [index for index, row in enumerate(rows) if not row.params.greedy]
     probs = sampling_probabilities(logits[sampled_rows], [rows[index] for index in sampled_rows])
-    results, start, sampled_start = [], 0, 0
-    for sequence in sequences:
-        drafts, end = sequence.draft_token_ids, start + len(sequence.draft_token_ids) + 1
+    tokens: list[list[int]] = []
+    drawn: list[tuple[int, torch.Tensor]] = []  # (sequence, its last token), read from the device all at once
+    start, sampled_start = 0, 0
+    for index, sequence in enumerate(sequences):
+        drafts, num_rows = sequence.draft_token_ids, len(sequence.draft_token_ids) + 1
         if sequence.params.greedy:
-            tokens = accept_greedy(drafts, argmax[start:end])
+            tokens.append(accept_greedy(drafts, argmax[start:start + num_rows]))
         else:
-            tokens = accept_sampled(drafts, probs[sampled_start:sampled_start + end - start],
-                                    sequence.draft_probabilities, sequence.generator)
-            sampled_start += end - start
-        token_logprobs = [token_logprob(logprobs[start + offset], token, sequence.params)
-                          for offset, token in enumerate(tokens)]
-        results.append(Sampled(tokens, token_logprobs, len(drafts), len(tokens) - 1))
-        start = end
-    return results
+            accepted, last = accept_sampled(drafts, probs[sampled_start:sampled_start + num_rows],
+                                            sequence.draft_probabilities, sequence.generator)
+            tokens.append(list(accepted))
+            drawn.append((index, last))
+            sampled_start += num_rows
+        start += num_rows
+    if drawn:
+        for (index, _), token in zip(drawn, torch.stack([last for _, last in drawn]).tolist()):
+            tokens[index].append(token)
+    return [sampled_result(sequence, sequence_tokens, logprobs[row:])
+            for sequence, sequence_tokens, row in zip(sequences, tokens, row_starts(sequences))]
+
+
+def row_starts(sequences: list[Sequence]) -> list[int]:
+    """The first logits row of each sequence."""
+    starts, row = [], 0
+    for sequence in sequences:
+        starts.append(row)
+        row += len(sequence.draft_token_ids) + 1
+    return starts
+
+
+def sampled_result(sequence: Sequence, tokens: list[int], logprobs: torch.Tensor) -> Sampled:
+    """`logprobs`: the log-softmax rows from the sequence's first on."""
+    token_logprobs = [token_logprob(logprobs[offset], token, sequence.params) for offset, token in enumerate(tokens)]
+    return Sampled(tokens, token_logprobs, len(sequence.draft_token_ids), len(tokens) - 1)

@@ -283,7 +283,8 @@ def accepted_runs(probabilities: torch.Tensor, draft_probabilities: torch.Tensor
             drafts = fixed_drafts
         else:
             drafts = [int(torch.multinomial(row, 1, generator=generator)) for row in draft_probabilities]
-        runs.append(accept_sampled(drafts, probabilities, draft_probabilities, generator))
+        accepted, last = accept_sampled(drafts, probabilities, draft_probabilities, generator)
+        runs.append(accepted + [int(last)])
     return runs
 
 
