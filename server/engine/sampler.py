@@ -10,6 +10,7 @@ deterministic proposer). Random draws come from each request's own generator, so
 same tokens whatever else shares its batch.
 """
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 
@@ -100,14 +101,23 @@ def draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (weights / noise).argmax()
 
 
-def token_logprob(logprobs: torch.Tensor, token: int, params: SamplingParams) -> TokenLogprob | None:
-    """The chosen token's log-probability under the model, and the top alternatives when asked."""
-    count = params.logprobs
-    if count is None:
-        return None
-    top_values, top_ids = logprobs.topk(count) if count else (torch.empty(0), torch.empty(0))
-    top = [(int(i), float(v)) for i, v in zip(top_ids.tolist(), top_values.tolist())]
-    return TokenLogprob(token, float(logprobs[token]), top)
+def gather_logprobs(logprobs: torch.Tensor, picks: list[tuple[int, int, SamplingParams]]
+                    ) -> list[TokenLogprob | None]:
+    """For each (row, chosen token, settings): the token's log-probability under the model and the most likely
+    alternatives, when its request asked. One read from the device for the whole step, not one per token."""
+    wanted = [index for index, (_, _, params) in enumerate(picks) if params.logprobs is not None]
+    results: list[TokenLogprob | None] = [None] * len(picks)
+    if not wanted:
+        return results
+    rows = torch.tensor([picks[index][0] for index in wanted], device=logprobs.device)
+    tokens = torch.tensor([picks[index][1] for index in wanted], device=logprobs.device)
+    chosen = logprobs[rows, tokens].tolist()
+    most = max(picks[index][2].logprobs for index in wanted)
+    top_values, top_ids = logprobs[rows].topk(most, dim=-1) if most else (torch.empty(len(wanted), 0),) * 2
+    for index, value, values, ids in zip(wanted, chosen, top_values.tolist(), top_ids.tolist()):
+        _, token, params = picks[index]
+        results[index] = TokenLogprob(token, value, [(int(i), v) for i, v in zip(ids, values)][:params.logprobs])
+    return results
 
 
 def accept_sampled(drafts: list[int], probs: torch.Tensor, draft_probs: torch.Tensor | None,
@@ -174,8 +184,13 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[Sampled]:
     if drawn:
         for (index, _), token in zip(drawn, torch.stack([last for _, last in drawn]).tolist()):
             tokens[index].append(token)
-    return [sampled_result(sequence, sequence_tokens, logprobs[row:])
-            for sequence, sequence_tokens, row in zip(sequences, tokens, row_starts(sequences))]
+    picks = [(start + offset, token, sequence.params)
+             for sequence, sequence_tokens, start in zip(sequences, tokens, row_starts(sequences))
+             for offset, token in enumerate(sequence_tokens)]
+    token_logprobs = iter(gather_logprobs(logprobs, picks))
+    return [Sampled(sequence_tokens, list(islice(token_logprobs, len(sequence_tokens))),
+                    len(sequence.draft_token_ids), len(sequence_tokens) - 1)
+            for sequence, sequence_tokens in zip(sequences, tokens)]
 
 
 def row_starts(sequences: list[Sequence]) -> list[int]:
@@ -185,9 +200,3 @@ def row_starts(sequences: list[Sequence]) -> list[int]:
         starts.append(row)
         row += len(sequence.draft_token_ids) + 1
     return starts
-
-
-def sampled_result(sequence: Sequence, tokens: list[int], logprobs: torch.Tensor) -> Sampled:
-    """`logprobs`: the log-softmax rows from the sequence's first on."""
-    token_logprobs = [token_logprob(logprobs[offset], token, sequence.params) for offset, token in enumerate(tokens)]
-    return Sampled(tokens, token_logprobs, len(sequence.draft_token_ids), len(tokens) - 1)
