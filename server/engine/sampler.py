@@ -163,11 +163,25 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[Sampled]:
     logits = logits.float()
     wants_logprobs = any(sequence.params.logprobs is not None for sequence in sequences)
     logprobs = logits.log_softmax(dim=-1) if wants_logprobs else logits
-    logits = apply_penalties(logits.clone(), rows)
+    tokens, starts = choose_tokens(apply_penalties(logits.clone(), rows), rows, sequences)
+    picks = [(start + offset, token, sequence.params)
+             for sequence, sequence_tokens, start in zip(sequences, tokens, starts)
+             for offset, token in enumerate(sequence_tokens)]
+    token_logprobs = iter(gather_logprobs(logprobs, picks))
+    return [Sampled(sequence_tokens, list(islice(token_logprobs, len(sequence_tokens))),
+                    len(sequence.draft_token_ids), len(sequence_tokens) - 1)
+            for sequence, sequence_tokens in zip(sequences, tokens)]
+
+
+def choose_tokens(logits: torch.Tensor, rows: list[Row], sequences: list[Sequence]
+                  ) -> tuple[list[list[int]], list[int]]:
+    """Each sequence's accepted drafts and the token after them, from its penalised logits rows; and the index
+    of each sequence's first row."""
     argmax = logits.argmax(dim=-1).tolist()
     sampled_rows = [index for index, row in enumerate(rows) if not row.params.greedy]
     probs = sampling_probabilities(logits[sampled_rows], [rows[index] for index in sampled_rows])
     tokens: list[list[int]] = []
+    starts: list[int] = []
     drawn: list[tuple[int, torch.Tensor]] = []  # (sequence, its last token), read from the device all at once
     start, sampled_start = 0, 0
     for index, sequence in enumerate(sequences):
@@ -180,23 +194,9 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[Sampled]:
             tokens.append(list(accepted))
             drawn.append((index, last))
             sampled_start += num_rows
+        starts.append(start)
         start += num_rows
     if drawn:
         for (index, _), token in zip(drawn, torch.stack([last for _, last in drawn]).tolist()):
             tokens[index].append(token)
-    picks = [(start + offset, token, sequence.params)
-             for sequence, sequence_tokens, start in zip(sequences, tokens, row_starts(sequences))
-             for offset, token in enumerate(sequence_tokens)]
-    token_logprobs = iter(gather_logprobs(logprobs, picks))
-    return [Sampled(sequence_tokens, list(islice(token_logprobs, len(sequence_tokens))),
-                    len(sequence.draft_token_ids), len(sequence_tokens) - 1)
-            for sequence, sequence_tokens in zip(sequences, tokens)]
-
-
-def row_starts(sequences: list[Sequence]) -> list[int]:
-    """The first logits row of each sequence."""
-    starts, row = [], 0
-    for sequence in sequences:
-        starts.append(row)
-        row += len(sequence.draft_token_ids) + 1
-    return starts
+    return tokens, starts
