@@ -29,6 +29,8 @@ class Shadow:
 
 
 class DraftModelProposer:
+    """Owns the draft model's runner, KV cache and block manager, and each running request's shadow."""
+
     def __init__(self, draft: LoadedModel, num_blocks: int, block_size: int, max_num_batched_tokens: int) -> None:
         self.runner = ModelRunner(draft.model, draft.config, num_blocks, block_size, lora_weights=[])
         self.block_manager = BlockManager(num_blocks, block_size, enable_caching=False)
