@@ -5,6 +5,7 @@ from kernels.attention import AttentionMetadata
 from kernels.lora import LoraMapping, LoraWeights
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.scheduler import ScheduledBatch
+from server.engine.sequence import Sequence
 from server.model.config import ModelConfig
 from server.model.llama import LlamaModel
 
@@ -46,8 +47,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Compute the batch's new tokens. Return the logits of the sequences whose chunk reaches their last
-        token (they sample next), and those sequences' indices in the batch. Each such sequence gets
-        1 + len(draft_token_ids) rows, in order: the positions of its drafts, then the one after them."""
+        token (they sample next), and those sequences' indices in the batch. Such a sequence gets a row for each
+        new position from its last verified token on, in order: the logits that verify its drafts, then the
+        one after them (a single row without drafts)."""
         input_ids, positions, metadata, query_ends = self._prepare(batch)
         token_slots = [sequence.lora_slot for sequence, num_new in zip(batch.sequences, batch.num_new_tokens)
                        for _ in range(num_new)]
@@ -61,10 +63,18 @@ class ModelRunner:
             if sequence.num_computed_tokens + num_new == sequence.num_tokens + len(sequence.draft_token_ids)
         ]
         rows = [row for index in sampling
-                for row in range(query_ends[index] - 1 - len(batch.sequences[index].draft_token_ids),
+                for row in range(query_ends[index] - self._num_sampled_rows(batch.sequences[index],
+                                                                            batch.num_new_tokens[index]),
                                  query_ends[index])]
         rows_tensor = torch.tensor(rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows_tensor)), sampling
+
+    @staticmethod
+    def _num_sampled_rows(sequence: Sequence, num_new: int) -> int:
+        """New positions from the last verified token on: 1 + drafts in a verification step, 1 otherwise (a
+        draft model computing its newest draft included)."""
+        end = sequence.num_computed_tokens + num_new
+        return end - max(sequence.num_computed_tokens, sequence.num_tokens - 1)
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         tokens: list[int] = []
