@@ -79,7 +79,7 @@ class DraftModelProposer:
         """Each shadow's next draft: the argmax for greedy requests, else a draw from q (kept for verification).
         Penalties count the drafts before it, as the target's verification will."""
         rows = [Row(shadow, len(shadow.draft_token_ids)) for shadow in shadows]
-        logits = apply_penalties(logits.float().clone(), rows)  # .float() of float32 is no copy
+        logits = apply_penalties(logits.float(), rows)
         tokens: list[int] = logits.argmax(dim=-1).tolist()
         probs: list[torch.Tensor | None] = [None] * len(shadows)
         sampled = [index for index, shadow in enumerate(shadows) if not shadow.params.greedy]

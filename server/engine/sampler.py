@@ -48,7 +48,12 @@ class Sampled:
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-    """Repetition penalty (HF: over prompt and output) and presence/frequency penalties (OpenAI: over output)."""
+    """Repetition penalty (HF: over prompt and output) and presence/frequency penalties (OpenAI: over output), on
+    a copy of `logits`: the same tensor back, uncopied, when no row asks for a penalty."""
+    if all(row.params.repetition_penalty == 1.0 and not row.params.presence_penalty
+           and not row.params.frequency_penalty for row in rows):
+        return logits
+    logits = logits.clone()
     for index, row in enumerate(rows):
         params = row.params
         if params.repetition_penalty != 1.0:
@@ -163,7 +168,7 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[Sampled]:
     logits = logits.float()
     wants_logprobs = any(sequence.params.logprobs is not None for sequence in sequences)
     logprobs = logits.log_softmax(dim=-1) if wants_logprobs else logits
-    tokens, starts = choose_tokens(apply_penalties(logits.clone(), rows), rows, sequences)
+    tokens, starts = choose_tokens(apply_penalties(logits, rows), rows, sequences)
     picks = [(start + offset, token, sequence.params)
              for sequence, sequence_tokens, start in zip(sequences, tokens, starts)
              for offset, token in enumerate(sequence_tokens)]

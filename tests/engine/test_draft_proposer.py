@@ -1,4 +1,5 @@
 """The draft model's proposer on its own: drafts, shadows and their blocks."""
+import pytest
 import torch
 
 from server.engine.draft_proposer import DraftModelProposer
@@ -9,12 +10,16 @@ from server.model.loader import LoadedModel
 PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
 
 
+@pytest.fixture
+def proposer(tiny_model: LoadedModel) -> DraftModelProposer:
+    return DraftModelProposer(tiny_model, num_blocks=64, block_size=4, max_num_batched_tokens=64)
+
+
 def greedy_sequence(request_id: str) -> Sequence:
     return Sequence(request_id, list(PROMPT), len(PROMPT), SamplingParams(temperature=0.0), torch.Generator())
 
 
-def test_a_request_left_out_of_a_step_gets_the_same_drafts_again(tiny_model: LoadedModel) -> None:
-    proposer = DraftModelProposer(tiny_model, num_blocks=64, block_size=4, max_num_batched_tokens=64)
+def test_a_request_left_out_of_a_step_gets_the_same_drafts_again(proposer: DraftModelProposer) -> None:
     sequence = greedy_sequence("r")
     proposer.propose([sequence], [3])
     first = list(sequence.draft_token_ids)
@@ -25,8 +30,7 @@ def test_a_request_left_out_of_a_step_gets_the_same_drafts_again(tiny_model: Loa
     assert proposer.block_manager.num_free_blocks == 64 and not proposer.shadows
 
 
-def test_accepted_drafts_keep_their_kv_and_rejected_ones_are_rolled_back(tiny_model: LoadedModel) -> None:
-    proposer = DraftModelProposer(tiny_model, num_blocks=64, block_size=4, max_num_batched_tokens=64)
+def test_accepted_drafts_keep_their_kv_and_rejected_ones_are_rolled_back(proposer: DraftModelProposer) -> None:
     sequence = greedy_sequence("r")
     proposer.propose([sequence], [4])
     drafts = list(sequence.draft_token_ids)
@@ -41,8 +45,7 @@ def test_accepted_drafts_keep_their_kv_and_rejected_ones_are_rolled_back(tiny_mo
     assert len(shadow.block_table) == -(-shadow.num_computed_tokens // 4)  # no block past the computed tokens
 
 
-def test_requests_sharing_a_prompt_share_its_draft_blocks(tiny_model: LoadedModel) -> None:
-    proposer = DraftModelProposer(tiny_model, num_blocks=64, block_size=4, max_num_batched_tokens=64)
+def test_requests_sharing_a_prompt_share_its_draft_blocks(proposer: DraftModelProposer) -> None:
     first, second = greedy_sequence("first"), greedy_sequence("second")
     proposer.propose([first], [2])
     proposer.propose([second], [2])
