@@ -11,11 +11,13 @@ threads and the engine's step thread, so all state sits behind one lock; disk re
 """
 import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import AdapterError, AdapterNotFoundError
-from adapters.format import AdapterInfo, BaseModelShape, LoraAdapter, load_adapter
+from adapters.format import AdapterInfo, BaseModelShape, LoraAdapter, inspect_adapter, load_adapter
+from adapters.server_path import checked_source_files
 from adapters.slot_pool import SlotPool
 from adapters.store import AdapterStore, StoredAdapter, validate_name
 from adapters.tiers import AdapterEventListener, AdapterTiers
@@ -53,9 +55,9 @@ class _Version:
 
 class AdapterRegistry:
     def __init__(self, adapter_dir: Path, base: BaseModelShape, pool: SlotPool, max_cpu_loras: int,
-                 max_rank: int, listener: AdapterEventListener | None = None) -> None:
+                 max_rank: int, listener: AdapterEventListener | None = None, max_bytes: int = 2**63) -> None:
         self._store = AdapterStore(adapter_dir)
-        self._base, self._max_rank = base, max_rank
+        self._base, self._max_rank, self._max_bytes = base, max_rank, max_bytes
         self._lock = threading.Lock()
         self._versions: dict[AdapterRef, _Version] = {}  # current versions, and old ones still in use
         self._current: dict[str, AdapterRef] = {}
@@ -96,14 +98,23 @@ class AdapterRegistry:
             if ref in self._versions:
                 self._versions[ref].requests_served += 1
 
+    def scratch(self) -> AbstractContextManager[Path]:
+        """A new empty directory inside the adapter directory, for an upload to be written into before `add`."""
+        return self._store.scratch()
+
     def add(self, name: str, source: Path) -> AdapterRecord:
         """Validate the adapter in `source` and place it as the name's next version; its files are moved out
         of `source` (an upload's scratch directory), and a failed add leaves nothing behind."""
-        return self._add(name, source, move=True)
+        validate_name(name)
+        return self._place(name, self._store.stage(source))
 
     def add_from_path(self, name: str, path: Path) -> AdapterRecord:
-        """Like `add`, but copies the files, leaving the server-side directory `path` as it was."""
-        return self._add(name, path, move=False)
+        """Like `add` for a directory elsewhere on this server, left as it was: checked where it lies (its files
+        regular and inside it, their size, config and header) before anything is copied."""
+        validate_name(name)
+        files = checked_source_files(path, self._max_bytes)
+        inspect_adapter(path, self._base, self._max_rank)
+        return self._place(name, self._store.stage_copy(files, self._max_bytes))
 
     def remove(self, name: str) -> None:
         """New requests stop finding the name now; versions still in use are freed when they no longer are."""
@@ -156,9 +167,8 @@ class AdapterRegistry:
         with self._lock:
             return sum(entry.pins for entry in self._versions.values())
 
-    def _add(self, name: str, source: Path, move: bool) -> AdapterRecord:
-        validate_name(name)
-        staging = self._store.stage(source, move)
+    def _place(self, name: str, staging: Path) -> AdapterRecord:
+        """Load and validate a staged adapter, then rename it into place as the name's next version."""
         start = time.perf_counter()
         try:
             adapter = load_adapter(staging, self._base, self._max_rank)

@@ -12,11 +12,13 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.errors import AdapterError, AdapterNameError
+from adapters.errors import AdapterError, AdapterFormatError, AdapterNameError
 from adapters.format import AdapterInfo, BaseModelShape, adapter_files, inspect_adapter
+from adapters.server_path import copy_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +72,46 @@ class AdapterStore:
             return []
         return [int(match[1]) for child in directory.iterdir() if (match := VERSION_DIRECTORY.fullmatch(child.name))]
 
-    def stage(self, source: Path, move: bool) -> Path:
-        """Copy (or move) the adapter's two files into a new temporary directory inside root."""
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A new empty directory inside root (an upload is written there), removed afterwards; one a crash leaves
+        behind is removed by the next start-up's scan."""
+        directory = self._new_temporary()
+        try:
+            yield directory
+        finally:
+            self.discard(directory)
+
+    def stage(self, source: Path) -> Path:
+        """Move the adapter's two files from `source` (a scratch directory) into a new temporary directory."""
         files = adapter_files(source)
-        staging = Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX, dir=self.root))
+        staging = self._new_temporary()
         try:
             for file in files:
-                (shutil.move if move else shutil.copyfile)(file, staging / file.name)
+                shutil.move(file, staging / file.name)
         except OSError:
             self.discard(staging)
             raise
         return staging
+
+    def stage_copy(self, files: dict[str, Path], max_bytes: int) -> Path:
+        """Copy the files `checked_source_files` approved (by name) into a new temporary directory, each read
+        through a descriptor that follows no further link, at most `max_bytes` in all (they may have changed)."""
+        staging = self._new_temporary()
+        try:
+            remaining = max_bytes
+            for name, file in files.items():
+                remaining -= copy_regular_file(file, staging / name, remaining)
+        except OSError:
+            self.discard(staging)
+            raise AdapterFormatError("the adapter's files could not be read") from None
+        except AdapterError:
+            self.discard(staging)
+            raise
+        return staging
+
+    def _new_temporary(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX, dir=self.root))
 
     def commit(self, staging: Path, name: str, version: int, info: AdapterInfo) -> StoredAdapter:
         """Rename a validated staging directory into place as the given version."""

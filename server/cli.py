@@ -41,6 +41,8 @@ HELP = {
     "max_cpu_loras": "adapters kept loaded in CPU memory, least recently used evicted first",
     "max_lora_rank": "largest LoRA rank accepted; slots are padded to it",
     "max_adapter_bytes": "largest adapter upload accepted: bytes, or a size such as 256MiB",
+    "max_request_bytes": "largest request body accepted (adapter uploads have their own limit); larger ones get "
+                         "413 before they are read",
     "spec_tokens": "speculative decoding: tokens proposed per step and verified in one forward pass (0: off)",
     "spec_ngram_min": "prompt lookup: shortest suffix of the output matched against the prompt and output",
     "spec_ngram_max": "prompt lookup: longest suffix matched (longer matches are tried first)",
@@ -54,6 +56,7 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20,
               "t": 2**40, "tib": 2**40}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 FINAL_EVENTS_GRACE_S = 5.0
+EXIT_ENGINE_DEAD = 3  # the exit status after the engine failed for good (2 is argparse's usage error)
 logger = logging.getLogger("loraserve")
 
 
@@ -65,7 +68,8 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
-PARSERS: dict[str, Callable[[str], object]] = {"kv_cache_memory": parse_size, "max_adapter_bytes": parse_size}
+PARSERS: dict[str, Callable[[str], object]] = {"kv_cache_memory": parse_size, "max_adapter_bytes": parse_size,
+                                               "max_request_bytes": parse_size}
 
 
 def flag_type(field: dataclasses.Field) -> Callable[[str], object]:
@@ -119,6 +123,12 @@ class DrainingServer(uvicorn.Server):
         await self.engine.drain(self.shutdown_timeout)
         await super().shutdown(sockets)
 
+    def stop_engine_dead(self) -> None:
+        """The engine stopped for good: shut down as on SIGTERM, and `serve` exits non-zero so a supervisor
+        restarts the process (/health answers 503 meanwhile)."""
+        logger.critical("the engine stopped after an unrecoverable error; exiting so the server is restarted")
+        self.should_exit = True
+
 
 async def serve_until_stopped(server: uvicorn.Server, host: str) -> None:
     """Run uvicorn; announce the address on stdout once it accepts connections."""
@@ -152,7 +162,10 @@ def serve(args: argparse.Namespace) -> None:
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
                                            log_config=None, timeout_graceful_shutdown=FINAL_EVENTS_GRACE_S),
                             engine, config.shutdown_timeout)
+    engine.on_dead = server.stop_engine_dead
     asyncio.run(serve_until_stopped(server, config.host))
+    if not engine.healthy:
+        raise SystemExit(EXIT_ENGINE_DEAD)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         registry = self.registry
         self.requests_finished = Counter(
-            "loraserve:request_success", "Requests finished, by finish reason (stop, length, abort).",
+            "loraserve:request_success", "Requests finished, by finish reason (stop, length, abort, error).",
             ["finished_reason"], registry=registry)
         self.requests_rejected = Counter(
             "loraserve:request_rejected", "Requests refused before running, by reason.", ["reason"],
@@ -36,6 +36,9 @@ class Metrics:
         self.prompt_tokens = Counter("loraserve:prompt_tokens", "Prompt tokens of admitted requests.",
                                      registry=registry)
         self.generation_tokens = Counter("loraserve:generation_tokens", "Tokens generated.", registry=registry)
+        self.failed_steps = Counter(
+            "loraserve:engine_failed_steps", "Engine steps that raised; their requests were retried in groups and "
+            "only those failing alone were ended.", registry=registry)
         self.preemptions = Counter("loraserve:num_preemptions", "Requests preempted to free KV blocks.",
                                    registry=registry)
         self.time_to_first_token = Histogram(

@@ -4,7 +4,6 @@ Routes that change which adapters exist need the admin key (see auth.py); readin
 calls that touch the disk run in a worker thread, so requests keep streaming while an adapter is validated.
 """
 import asyncio
-import tempfile
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
@@ -15,6 +14,7 @@ from server.api.adapter_schemas import LoadLoraRequest, UnloadLoraRequest, adapt
 from server.api.auth import require_admin
 from server.api.uploads import receive_adapter
 
+UPLOAD_PATH = "/v1/adapters"
 router = APIRouter()
 admin_router = APIRouter(dependencies=[Depends(require_admin)])
 
@@ -24,16 +24,14 @@ def registry_of(request: Request) -> AdapterRegistry:
     return request.app.state.engine.adapters
 
 
-@admin_router.post("/v1/adapters", status_code=201)
+@admin_router.post(UPLOAD_PATH, status_code=201)
 async def upload_adapter(request: Request, registry: AdapterRegistry = Depends(registry_of)) -> dict:
     """Multipart form: `name`, and the files as fields `adapter_config.json` and `adapter_model.safetensors`.
 
     A name already taken gets a new version; requests already running keep the version they started with.
     """
     max_bytes = request.app.state.config.max_adapter_bytes
-    with tempfile.TemporaryDirectory(prefix="loraserve-upload-") as staging:
-        source = Path(staging) / "adapter"
-        source.mkdir()
+    with registry.scratch() as source:  # inside the adapter directory: the next start-up removes what a crash left
         name = await receive_adapter(request, source, max_bytes)
         record = await asyncio.to_thread(registry.add, name, source)
     return adapter_object(record)

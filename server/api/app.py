@@ -10,7 +10,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from server.api import adapter_routes, lorax_routes, openai_routes
 from server.api.common_schema import MAX_STOP_SEQUENCES
-from server.api.errors import install_error_handlers
+from server.api.body_limits import BodyLimits
+from server.api.errors import error_responder, install_error_handlers
 from server.api.generation import engine_of
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncEngine
@@ -90,6 +91,8 @@ def create_app(engine: AsyncEngine, metrics: Metrics, config: ServerConfig, admi
     app.state.config = config
     app.state.admin_key = admin_key
     install_error_handlers(app, metrics)
+    app.add_middleware(BodyLimits, max_bytes=config.max_request_bytes, upload_path=adapter_routes.UPLOAD_PATH,
+                       max_upload_bytes=config.max_adapter_bytes, respond=error_responder(metrics))
     for routes in (router, openai_routes.router, lorax_routes.router, adapter_routes.router,
                    adapter_routes.admin_router):
         app.include_router(routes)

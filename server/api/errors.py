@@ -3,6 +3,8 @@
 OpenAI routes (under /v1/) answer `{"error": {"message", "type", "param", "code"}}`; LoRAX routes answer
 `{"error": message, "error_type": type}`, the shape `lorax-client` turns back into its own exceptions.
 """
+import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -13,9 +15,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from adapters.errors import AdapterFormatError, AdapterNameError, AdapterNotFoundError, AdapterTooLargeError
-from server.engine.errors import EngineDeadError, QueueFullError, RequestValidationError, ShuttingDownError
+from server.engine.errors import (EngineDeadError, QueueFullError, RequestFailedError, RequestValidationError,
+                                  ShuttingDownError)
 from server.metrics import Metrics
-from server.model.errors import ChatTemplateError
+from server.model.errors import ChatTemplateError, InvalidTextError, TextTooLongError
 
 
 class InvalidRequestError(Exception):
@@ -42,6 +45,10 @@ class ClientDisconnectedError(Exception):
     """The client went away before its answer was ready; nobody reads the response."""
 
 
+class RequestTooLargeError(Exception):
+    """The request body is larger than --max-request-bytes (or, for an upload, --max-adapter-bytes)."""
+
+
 class UnauthorizedError(Exception):
     """An admin route was called without the admin key, or with a wrong one."""
 
@@ -63,22 +70,27 @@ INVALID = ErrorKind(400, "invalid_request_error", 422, "validation", "invalid_re
 NOT_FOUND = ErrorKind(404, "invalid_request_error", 404, "not_found", "model_not_found")
 DISCONNECTED = ErrorKind(499, "client_disconnected", 499, "client_disconnected", None)
 UNEXPECTED = ErrorKind(500, "internal_error", 500, "generation", None)
+GENERATION_FAILED = ErrorKind(500, "internal_error", 424, "generation", None)  # LoRAX: 424, as TGI answers
 KINDS: dict[type[Exception], ErrorKind] = {
     SchemaValidationError: INVALID,
     InvalidRequestError: INVALID,
     RequestValidationError: INVALID,
     ChatTemplateError: INVALID,
+    InvalidTextError: INVALID,
+    TextTooLongError: INVALID,
     FormParserError: INVALID,
     AdapterFormatError: INVALID,
     AdapterNameError: INVALID,
     ModelNotFoundError: NOT_FOUND,
     AdapterNotFoundError: NOT_FOUND,
     AdapterTooLargeError: ErrorKind(413, "invalid_request_error", 413, "validation", "adapter_too_large"),
+    RequestTooLargeError: ErrorKind(413, "invalid_request_error", 413, "validation", "request_too_large"),
     UnauthorizedError: ErrorKind(401, "authentication_error", 401, "unauthorized", "unauthorized"),
     QueueFullError: ErrorKind(429, "rate_limit_error", 429, "overloaded", "queue_full"),
     EngineDeadError: ErrorKind(503, "service_unavailable", 424, "generation", "engine_dead"),
     ShuttingDownError: ErrorKind(503, "service_unavailable", 503, "overloaded", "shutting_down"),
-    GenerationAbortedError: ErrorKind(500, "internal_error", 424, "generation", None),
+    GenerationAbortedError: GENERATION_FAILED,
+    RequestFailedError: GENERATION_FAILED,
     ClientDisconnectedError: DISCONNECTED,
     ClientDisconnect: DISCONNECTED,  # Starlette's, raised while an upload's body is read
 }
@@ -129,10 +141,16 @@ def error_body(error: Exception, openai: bool) -> dict:
     return {"error": message, "error_type": kind.lorax_type}
 
 
-def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    """Route every failure, expected or not, through `error_body`; count refusals by reason.
+class ErrorResponse(JSONResponse):
+    """JSON escaped to ASCII: an error may quote client text holding a lone surrogate, which UTF-8 cannot encode."""
 
-    Starlette re-raises unexpected exceptions after answering, so the server log still shows their traceback.
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+def error_responder(metrics: Metrics) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """The handler that turns any failure into its API's JSON error; counts refusals by reason.
+
     Headers an error carries (`Allow` of a 405, `WWW-Authenticate` of a 401) go out with it.
     """
 
@@ -142,7 +160,14 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             metrics.requests_rejected.labels(reason=kind.reason).inc()
         openai = is_openai(request)
         status = kind.openai_status if openai else kind.lorax_status
-        return JSONResponse(error_body(error, openai), status_code=status, headers=getattr(error, "headers", None))
+        return ErrorResponse(error_body(error, openai), status_code=status, headers=getattr(error, "headers", None))
 
+    return handle
+
+
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Route every failure, expected or not, through `error_body`. Starlette re-raises unexpected exceptions
+    after answering, so the server log still shows their traceback."""
+    handle = error_responder(metrics)
     for cls in (*KINDS, HTTPException, Exception):
         app.add_exception_handler(cls, handle)

@@ -36,6 +36,22 @@ async def select_adapter(engine: AsyncEngine, name: str | None, param: str) -> A
         raise ModelNotFoundError(name, param) from error
 
 
+async def tokenize(engine: AsyncEngine, text: str, add_special_tokens: bool = True, bounded: bool = True
+                   ) -> list[int]:
+    """A prompt's token ids, computed in a worker thread: a long text takes seconds, and the event loop must go
+    on answering everyone else (/health included). `bounded` refuses a text far beyond the context early."""
+    return await asyncio.to_thread(engine.tokenizer.encode, text, add_special_tokens,
+                                   engine.max_model_len if bounded else None)
+
+
+async def tokenize_chat(engine: AsyncEngine, messages: list[dict]) -> list[int]:
+    """The conversation rendered through the chat template and tokenized, in a worker thread (see `tokenize`)."""
+    def render() -> list[int]:
+        text = engine.tokenizer.apply_chat_template(messages)
+        return engine.tokenizer.encode(text, add_special_tokens=False, max_tokens=engine.max_model_len)
+    return await asyncio.to_thread(render)
+
+
 def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -120,6 +136,7 @@ def submit(engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingP
     """
     streams: list[RequestStream] = []
     try:
+        engine.check_capacity(len(prompts))
         for index, (prompt, request_params) in enumerate(zip(prompts, params, strict=True)):
             streams.append(engine.submit(prompt, request_params, f"{request_id}-{index}", adapter))
     except BaseException:

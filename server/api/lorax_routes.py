@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from server.api.generation import (Generation, Submission, engine_of, finite, new_request_id, select_adapter, submit,
-                                   unless_disconnected)
+                                   tokenize, unless_disconnected)
 from server.api.lorax_schemas import GenerateParameters, GenerateRequest
 from server.api.streaming import add_stream_switch_route, sse_events
 from server.engine.async_engine import AsyncEngine
@@ -70,7 +70,7 @@ async def submitted_generate(body: GenerateRequest,
                              engine: AsyncEngine = Depends(engine_of)) -> AsyncIterator[LoraxJob]:
     """Without max_new_tokens, the answer may fill the rest of the context, as in LoRAX."""
     parameters = body.parameters
-    prompt = engine.tokenizer.encode(body.inputs)
+    prompt = await tokenize(engine, body.inputs, bounded=not parameters.truncate)  # truncating takes any length
     if parameters.truncate:
         prompt = prompt[-parameters.truncate:]
     max_new_tokens = parameters.max_new_tokens or max(1, engine.max_model_len - len(prompt))

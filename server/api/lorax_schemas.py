@@ -7,8 +7,10 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from server.api.common_schema import MAX_LOGPROBS, MAX_SEED, RequestSchema, stop_list
+from server.api.common_schema import MAX_INT32, MAX_LOGPROBS, RequestSchema, StopStrings
 from server.engine.sampling_params import SamplingParams
+
+MAX_LORAX_SEED = 2**64 - 1  # LoRAX's seed is an unsigned 64-bit integer
 
 
 class GenerateParameters(RequestSchema):
@@ -22,25 +24,20 @@ class GenerateParameters(RequestSchema):
     adapter_source: str | None = None  # only "local": adapters are uploaded here, never fetched
     api_token: str | None = None  # for private hub adapters; nothing is fetched, so it is ignored
     do_sample: bool = False
-    max_new_tokens: int | None = Field(None, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     ignore_eos_token: bool = False
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     return_full_text: bool = False
-    stop: list[str] = []
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: StopStrings = []
+    seed: int | None = Field(None, ge=0, le=MAX_LORAX_SEED)
     temperature: float | None = Field(None, gt=0.0, le=100.0)
-    top_k: int | None = Field(None, gt=0)
+    top_k: int | None = Field(None, gt=0, le=MAX_INT32)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    truncate: int | None = Field(None, gt=0)  # keep only the last `truncate` prompt tokens
+    truncate: int | None = Field(None, gt=0, le=MAX_INT32)  # keep only the last `truncate` prompt tokens
     details: bool = False
     decoder_input_details: bool = False
     return_k_alternatives: int | None = Field(None, ge=1, le=MAX_LOGPROBS)
     speculative: bool = True  # false: no speculative decoding for this request
-
-    @field_validator("stop")
-    @classmethod
-    def check_stop(cls, stop: list[str]) -> list[str]:
-        return stop_list(stop)
 
     @field_validator("adapter_source")
     @classmethod

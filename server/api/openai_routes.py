@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.sse import ServerSentEvent
 
 from server.api.errors import InvalidRequestError
-from server.api.generation import Generation, engine_of, new_request_id, select_adapter, submit, unless_disconnected
+from server.api.generation import (Generation, engine_of, new_request_id, select_adapter, submit, tokenize,
+                                   tokenize_chat, unless_disconnected)
 from server.api.openai_format import OpenAIJob, chat_logprobs, completion_logprobs, openai_chunks
 from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from server.api.streaming import add_stream_switch_route, sse_events
@@ -26,13 +27,15 @@ async def submitted_completion(body: CompletionRequest,
     prompts = body.prompts()
     if not prompts:
         raise InvalidRequestError("the prompt is empty", "prompt")
-    token_ids = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    engine.check_capacity(len(prompts) * body.n)  # before tokenizing a batch that could never run
+    token_ids = [await tokenize(engine, p) if isinstance(p, str) else p for p in prompts]
     params = [body.sampling_params(body.max_tokens, body.logprobs, i) for _ in prompts for i in range(body.n)]
     request_id = new_request_id("cmpl")
-    echo_texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if body.echo else []
     adapter = await select_adapter(engine, body.model, "model")
     with submit(engine, [ids for ids in token_ids for _ in range(body.n)], params, request_id,
                 adapter) as submission:
+        # Decoded once submitted: the engine has checked that the token ids are few and in the vocabulary.
+        echo_texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if body.echo else []
         yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,
                         body.logprobs, echo_texts)
 
@@ -40,8 +43,7 @@ async def submitted_completion(body: CompletionRequest,
 async def submitted_chat(body: ChatCompletionRequest,
                          engine: AsyncEngine = Depends(engine_of)) -> AsyncIterator[OpenAIJob]:
     """The conversation through the model's chat template, answered n times."""
-    text = engine.tokenizer.apply_chat_template([message.as_template_input() for message in body.messages])
-    prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+    prompt = await tokenize_chat(engine, [message.as_template_input() for message in body.messages])
     max_tokens = body.token_limit or max(1, engine.max_model_len - len(prompt))
     params = [body.sampling_params(max_tokens, body.logprobs_count, i) for i in range(body.n)]
     request_id = new_request_id("chatcmpl")

@@ -4,13 +4,14 @@ Responses are plain dicts built in `openai_format.py`.
 """
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from server.api.common_schema import MAX_CHOICES, MAX_LOGPROBS, MAX_SEED, MAX_STOP_SEQUENCES, RequestSchema, stop_list
+from server.api.common_schema import (MAX_CHOICES, MAX_INT32, MAX_INT64, MAX_LOGPROBS, MAX_STOP_SEQUENCES, MIN_INT64,
+                                      RequestSchema, StopString, StopStrings, StrictSchema, TokenId, stop_list)
 from server.engine.sampling_params import SamplingParams
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(StrictSchema):
     include_usage: bool = False
 
 
@@ -22,17 +23,18 @@ class SamplingRequest(RequestSchema):
         "functions": (None, []), "response_format": (None, {"type": "text"})}
 
     model: str | None = None
+    user: str | None = None  # OpenAI's end-user id, for the caller's own tracking: it changes no output
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1, le=MAX_INT32)  # 0 or -1 (vLLM's spelling): off
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: str | list[str] = []
-    stop_token_ids: list[int] = Field([], max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(None, ge=MIN_INT64, le=MAX_INT64)
+    stop: StopString | StopStrings = []
+    stop_token_ids: list[TokenId] = Field([], max_length=MAX_STOP_SEQUENCES)
     ignore_eos: bool = False
     speculative: bool = True  # false: no speculative decoding for this request
     stream: bool = False
@@ -50,7 +52,7 @@ class SamplingRequest(RequestSchema):
     def sampling_params(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
         """The engine's settings for the `index`-th choice; a seeded request gives choice i the seed + i."""
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            max_tokens=max_tokens, temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + index,
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
@@ -60,8 +62,8 @@ class SamplingRequest(RequestSchema):
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions: the prompt is text, token ids, or a batch of either."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int = Field(16, ge=1, le=MAX_INT32)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
@@ -72,12 +74,12 @@ class CompletionRequest(SamplingRequest):
         return list(self.prompt)
 
 
-class TextPart(BaseModel):
+class TextPart(StrictSchema):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(StrictSchema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
@@ -91,8 +93,8 @@ class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions: without a token limit, the answer may fill the rest of the context."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 

@@ -16,7 +16,7 @@ import torch
 from adapters.registry import AdapterRef
 from server.config import ServerConfig
 from server.engine.engine import LLMEngine
-from server.engine.errors import EngineDeadError, QueueFullError, ShuttingDownError
+from server.engine.errors import EngineDeadError, QueueFullError, RequestValidationError, ShuttingDownError
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 from server.metrics import Metrics
@@ -92,6 +92,7 @@ class AsyncEngine:
         self.adapters = engine.adapters
         self.healthy = True
         self.draining = False  # set once shutdown begins: new requests are refused
+        self.on_dead: Callable[[], None] | None = None  # called once if the engine stops for good
         self._streams: dict[str, RequestStream] = {}
         self._pending_adds: list[tuple[str, list[int], SamplingParams, AdapterRef | None]] = []
         self._pending_aborts: list[str] = []
@@ -163,6 +164,17 @@ class AsyncEngine:
         self._wakeup.set()
         return stream
 
+    def check_capacity(self, count: int) -> None:
+        """Refuse, before any is submitted, a batch of `count` requests that can never be queued (a
+        RequestValidationError: retrying cannot help) or that does not fit the queue now (QueueFullError)."""
+        if count > self.max_queue:
+            raise RequestValidationError(f"this request asks for {count} completions (prompts times n); this "
+                                         f"server queues at most {self.max_queue} at once: split it")
+        waiting = len(self.engine.scheduler.waiting) + len(self._pending_adds)
+        if waiting + count > self.max_queue:
+            raise QueueFullError(f"{waiting} of {self.max_queue} queue places are taken and this request needs "
+                                 f"{count}; try again later")
+
     def stats(self) -> EngineStats:
         block_manager = self.engine.block_manager
         return EngineStats(len(self.engine.scheduler.running),
@@ -199,15 +211,17 @@ class AsyncEngine:
             try:
                 loop = asyncio.get_running_loop()
                 outputs = await loop.run_in_executor(self._step_thread, self.engine.step)
-            except Exception as error:
-                logger.exception("engine step failed; the engine stops")
+            except Exception as error:  # the step could not isolate it: the device or the model is broken
+                logger.exception("engine step failed beyond any one request; the engine stops")
                 self.healthy = False
-                self._fail_all(EngineDeadError(f"the engine failed: {error}"))
+                self._fail_all(EngineDeadError(f"the engine failed ({type(error).__name__}); the server restarts"))
+                if self.on_dead is not None:
+                    self.on_dead()
                 return
             for output in outputs:
                 stream = self._streams.get(output.request_id)
                 if stream is not None:
-                    stream.put(output)
+                    stream.put(output.error if output.error is not None else output)
                 if output.finished:
                     self._streams.pop(output.request_id, None)
 

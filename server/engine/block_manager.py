@@ -155,6 +155,19 @@ whoever shares it then only reads it, and writes past it."""
         del sequence.block_table[keep:]
         self._cache_full_blocks(sequence, sequence.num_computed_tokens)
 
+    def forget_uncomputed(self, sequence: Sequence) -> set[int]:
+        """Drop the prefix-cache keys of `sequence`'s blocks past its computed tokens (keyed when allocated, but
+        their KV may never have been written, as when the step computing them failed); return those blocks."""
+        first = sequence.num_computed_tokens // self.block_size
+        blocks = set(sequence.block_table[first:])
+        for block in blocks:
+            key = self.block_keys[block]
+            if key is not None:
+                del self.cached[key]
+                self.block_keys[block] = None
+        del sequence.block_digests[first:]
+        return blocks
+
     def _evict(self, block: int) -> None:
         """Forget what a free block caches, as it is handed out to be overwritten."""
         key = self.block_keys[block]

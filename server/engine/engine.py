@@ -1,32 +1,32 @@
 """The synchronous engine: accepts requests, and each `step` schedules, runs the model, samples and reports."""
+import dataclasses
 import logging
 import random
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from adapters.format import BaseModelShape
 from adapters.registry import AdapterRef, AdapterRegistry
 from adapters.slot_pool import SlotPool
 from server.config import ServerConfig
 from server.engine.block_manager import BlockManager
-from server.engine.draft_proposer import DraftModelProposer
-from server.engine.errors import RequestValidationError
-from server.engine.model_runner import ModelRunner, kv_block_bytes
+from server.engine.errors import EngineDeadError, RequestFailedError, RequestValidationError
+from server.engine.fault_isolation import GeneratorSnapshot, is_device_fatal, isolate
+from server.engine.model_runner import ModelRunner
 from server.engine.outputs import RequestOutput
-from server.engine.proposers import NgramProposer, Proposer
 from server.engine.sampler import Sampled, sample
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence
+from server.engine.scheduler import ScheduledBatch, Scheduler
+from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.setup import adapter_base_shape, adapter_directory, kv_cache_blocks, make_proposer
 from server.engine.stop_checker import StopChecker
 from server.metrics import Metrics
-from server.model.config import ModelConfig
 from server.model.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
+
+# Requests that failed alone with no successful run between them: past this, the model (or the device) is broken.
+MAX_CONSECUTIVE_CULPRITS = 8
 
 
 class LLMEngine:
@@ -47,8 +47,8 @@ class LLMEngine:
         base = adapter_base_shape(loaded.config)
         slots = SlotPool(base, config.max_loras, config.max_lora_rank, parameter.device, parameter.dtype)
         directory, self.adapter_scratch = adapter_directory(config)
-        self.adapters = AdapterRegistry(directory, base, slots, config.max_cpu_loras,
-                                        config.max_lora_rank, listener=self.metrics)
+        self.adapters = AdapterRegistry(directory, base, slots, config.max_cpu_loras, config.max_lora_rank,
+                                        listener=self.metrics, max_bytes=config.max_adapter_bytes)
         self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             self._capture_graphs(config.max_num_seqs)
@@ -60,6 +60,7 @@ class LLMEngine:
         self.seed_source = random.Random(config.seed)
         self.num_speculative_tokens = config.spec_tokens
         self.proposer = make_proposer(config, loaded.config, draft, num_blocks)
+        self.consecutive_culprits = 0
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
         """CUDA graphs of decode steps; if capture fails the server still serves, every step run eagerly."""
@@ -81,6 +82,8 @@ class LLMEngine:
         if len(prompt_token_ids) >= self.max_model_len:
             raise RequestValidationError(
                 f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds {self.max_model_len}")
+        if any(not 0 <= token < self.model_config.vocab_size for token in params.stop_token_ids):
+            raise RequestValidationError(f"stop_token_ids must lie in [0, {self.model_config.vocab_size})")
         if params.max_tokens < 1:
             raise RequestValidationError("max_tokens must be at least 1")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
@@ -116,31 +119,107 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return an output for every request that got new tokens."""
+        """Run one scheduled batch; return an output for every request that got new tokens or failed.
+
+        A request the step fails on ends alone with an error (see fault_isolation.py); a device error, or a fault
+        that every request hits, raises EngineDeadError or the error itself: the engine cannot go on.
+        """
         if self.proposer is not None:
             self._propose()
         batch = self.scheduler.schedule()
+        outputs = [self._failure_output(sequence, error) for sequence, error in self.scheduler.take_failed()]
         self.metrics.preemptions.inc(batch.num_preempted)
         if batch.empty:
-            return []
+            return outputs
         self.metrics.step_tokens.observe(sum(batch.num_new_tokens))
+        work = list(zip(batch.sequences, batch.num_new_tokens))
+        snapshot = GeneratorSnapshot([sequence for sequence in batch.sequences if not sequence.params.greedy])
+        failures = isolate(work, lambda group: outputs.extend(self._run(group)),
+                           lambda group: snapshot.restore(sequence for sequence, _ in group),
+                           lambda item, error: outputs.append(self._fail(item[0], error)))
+        if failures:
+            self.metrics.failed_steps.inc()
+        return outputs
+
+    def _run(self, work: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """Compute and sample the given requests' new tokens, then append them. Until the tokens are appended
+        nothing changes but KV-cache contents and generators, so a failed run can be retried in parts. Requests
+        taken out of the step meanwhile (a culprit's dependents) are skipped."""
+        work = [(sequence, num_new) for sequence, num_new in work if sequence.status is SequenceStatus.RUNNING]
+        if not work:
+            return []
+        batch = ScheduledBatch([sequence for sequence, _ in work], [num_new for _, num_new in work])
         logits, sampling = self.runner.execute(batch)
-        for sequence, num_new in zip(batch.sequences, batch.num_new_tokens):
-            sequence.num_computed_tokens += num_new
         sampled = [batch.sequences[index] for index in sampling]
-        return [self._accept(sequence, result) for sequence, result in zip(sampled, sample(logits, sampled))]
+        results = sample(logits, sampled)
+        self.consecutive_culprits = 0
+        for sequence, num_new in work:
+            sequence.num_computed_tokens += num_new
+        outputs = []
+        for sequence, result in zip(sampled, results):
+            try:
+                outputs.append(self._accept(sequence, result))
+            except Exception as error:  # detokenizing or stop checking failed: this request alone is at fault
+                if is_device_fatal(error):
+                    raise
+                outputs.append(self._fail(sequence, error))
+        return outputs
 
     def _propose(self) -> None:
-        """Draft tokens for every running request that is decoding and allows it, within its max_tokens."""
-        candidates, limits = [], []
+        """Draft tokens for every running request that is decoding and allows it, within its max_tokens. A
+        request the proposer fails on alone is served on without speculation."""
+        work = []
         for sequence in self.scheduler.running:
             sequence.truncate_drafts()
             limit = min(self.num_speculative_tokens, sequence.params.max_tokens - sequence.num_output_tokens - 1)
             if sequence.params.speculative and limit > 0 and sequence.num_uncomputed_tokens == 1:
-                candidates.append(sequence)
-                limits.append(limit)
-        if candidates:
-            self.proposer.propose(candidates, limits)
+                work.append((sequence, limit))
+        if not work:
+            return
+        snapshot = GeneratorSnapshot([sequence for sequence, _ in work if not sequence.params.greedy])
+
+        def undo(group: list[tuple[Sequence, int]]) -> None:
+            snapshot.restore(sequence for sequence, _ in group)
+            for sequence, _ in group:
+                sequence.truncate_drafts()
+                self.proposer.release(sequence.request_id)  # its shadow may be half advanced
+
+        def stop_speculating(item: tuple[Sequence, int], error: Exception) -> None:
+            logger.error("proposing drafts failed for request %s; it goes on without speculation",
+                         item[0].request_id, exc_info=error)
+            item[0].params = dataclasses.replace(item[0].params, speculative=False)
+
+        isolate(work, lambda group: self.proposer.propose([s for s, _ in group], [k for _, k in group]), undo,
+                stop_speculating)
+
+    def _fail(self, sequence: Sequence, error: Exception) -> RequestOutput:
+        """End a request the step failed on. Blocks it was computing lose their prefix-cache keys (their KV may be
+        incomplete), and requests admitted this step onto them go back to waiting, to compute them again."""
+        logger.error("request %s failed inside an engine step and was ended", sequence.request_id, exc_info=error)
+        self.consecutive_culprits += 1
+        if self.consecutive_culprits >= MAX_CONSECUTIVE_CULPRITS:
+            raise EngineDeadError(f"{self.consecutive_culprits} requests in a row failed with no step succeeding "
+                                  f"in between: the fault is the server's, not theirs") from error
+        suspect = self.block_manager.forget_uncomputed(sequence)
+        for other in list(self.scheduler.running):
+            if other is not sequence and suspect.intersection(other.block_table[:other.num_computed_tokens
+                                                                                 // self.block_manager.block_size]):
+                self.scheduler.preempt(other)
+                self.metrics.preemptions.inc()
+        self._finish(sequence, "error")
+        return self._failure_output(sequence, error)
+
+    def _failure_output(self, sequence: Sequence, error: Exception) -> RequestOutput:
+        """The final output of a request ended by a failure (its blocks, slot and pin already returned)."""
+        self.sequences.pop(sequence.request_id, None)
+        if self.proposer is not None:
+            self.proposer.release(sequence.request_id)  # a request preempted while speculating has a shadow
+        self.metrics.requests_finished.labels(finished_reason="error").inc()
+        if not isinstance(error, RequestValidationError):
+            error = RequestFailedError(f"generation failed inside the engine ({type(error).__name__}); this request "
+                                       f"was ended, and the server goes on serving the others")
+        return RequestOutput(sequence.request_id, [], "", [], True, "error", None, sequence.num_prompt_tokens,
+                             sequence.num_output_tokens, sequence.num_cached_tokens, error=error)
 
     def _accept(self, sequence: Sequence, result: Sampled) -> RequestOutput:
         """Append a sequence's new tokens; roll its KV back past the last accepted draft."""
@@ -215,43 +294,3 @@ class LLMEngine:
                 outputs[output.request_id].extend(output.token_ids)
         return [outputs[request_id] for request_id in request_ids]
 
-
-def kv_cache_blocks(config: ServerConfig, models: list[LoadedModel]) -> tuple[int, int]:
-    """How many KV blocks each model's cache gets (a draft model's cache has as many as the target's, out of
-    the same --kv-cache-memory), and the bytes one block takes in all of them together."""
-    block_bytes = sum(kv_block_bytes(loaded.config, config.block_size, next(loaded.model.parameters()).dtype)
-                      for loaded in models)
-    num_blocks = config.num_kv_blocks or config.kv_cache_memory // block_bytes
-    if num_blocks < 1:
-        raise ValueError(f"the KV cache holds no block: one block takes {block_bytes} bytes")
-    return num_blocks, block_bytes
-
-
-def make_proposer(config: ServerConfig, target: ModelConfig, draft: LoadedModel | None, num_blocks: int
-                  ) -> Proposer | None:
-    """The draft model when one is given, else prompt lookup; None when speculation is off (no --spec-tokens)."""
-    if config.spec_tokens == 0:
-        if draft is not None:
-            raise ValueError("a draft model needs --spec-tokens: how many tokens it proposes per step")
-        return None
-    if draft is None:
-        return NgramProposer(config.spec_ngram_min, config.spec_ngram_max)
-    if draft.config.vocab_size != target.vocab_size:
-        raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the "
-                         f"target's ({target.vocab_size}): it must share the target's tokenizer")
-    return DraftModelProposer(draft, num_blocks, config.block_size, config.max_num_batched_tokens)
-
-
-def adapter_base_shape(config: ModelConfig) -> BaseModelShape:
-    """What every adapter must fit: the projections' shapes and the layer count."""
-    return BaseModelShape.for_llama(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
-                                    config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-
-
-def adapter_directory(config: ServerConfig) -> tuple[Path, tempfile.TemporaryDirectory | None]:
-    """`--adapter-dir`, or a temporary directory (returned too: it is deleted once nothing holds it)."""
-    if config.adapter_dir is not None:
-        return Path(config.adapter_dir), None
-    scratch = tempfile.TemporaryDirectory(prefix="loraserve-adapters-")
-    logger.warning("no --adapter-dir: uploaded adapters go to %s and do not survive a restart", scratch.name)
-    return Path(scratch.name), scratch

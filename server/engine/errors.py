@@ -19,3 +19,7 @@ class EngineDeadError(EngineError):
 
 class ShuttingDownError(EngineError):
     """The server is stopping: it takes no new requests, and ends those still running past the grace period."""
+
+
+class RequestFailedError(EngineError):
+    """The engine failed while computing this request; it was ended alone, and the others go on."""

@@ -20,8 +20,9 @@ class RequestOutput:
     text: str  # the text delta these tokens add (stop strings already cut off)
     logprobs: list[TokenLogprob]
     finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort" once finished
+    finish_reason: str | None  # "stop", "length", "abort" or "error" once finished
     stop_reason: str | int | None  # the stop string or stop/EOS token id that ended it, when "stop"
     num_prompt_tokens: int
     num_output_tokens: int  # total so far
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    error: Exception | None = None  # why the engine ended it, when finish_reason is "error"

@@ -78,7 +78,7 @@ def truncate_distribution(logits: torch.Tensor, params: list[SamplingParams]) ->
     if any(top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(logits.shape[1], device=device)[None, :]
-        k = torch.tensor([value or logits.shape[1] for value in top_k], device=device)
+        k = torch.tensor([min(value or logits.shape[1], logits.shape[1]) for value in top_k], device=device)
         drop = ranks >= k[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         sorted_probs = sorted_logits.softmax(dim=-1)  # top-p judges what top-k kept, renormalised (as HF does)

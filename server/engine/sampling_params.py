@@ -1,13 +1,16 @@
 """How one request wants its tokens chosen and when it wants to stop."""
 from dataclasses import dataclass, field
 
+# Below this a temperature divides logits into infinities; as in vLLM, such a request is greedy.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """Per-request sampling settings; the API layer validates ranges before building one."""
 
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_TEMPERATURE) means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -23,4 +26,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from adapters.errors import AdapterError
 from adapters.registry import AdapterRegistry
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
@@ -40,6 +41,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.failed: list[tuple[Sequence, Exception]] = []  # ended while being admitted, not yet reported
 
     def add(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
@@ -79,7 +81,7 @@ class Scheduler:
         """Preempt the newest running requests until `sequence` fits; False if `sequence` itself had to go."""
         while not self.block_manager.can_allocate(sequence, num_new):
             victim = self.running[-1]
-            self._preempt(victim)
+            self.preempt(victim)
             batch.num_preempted += 1
             if victim is sequence:
                 return False
@@ -90,9 +92,15 @@ class Scheduler:
             sequence = self.waiting[0]
             prefix = self.block_manager.cached_prefix(sequence)
             num_new = min(sequence.num_tokens - len(prefix) * self.block_manager.block_size, budget)
-            if (not self.block_manager.can_allocate(sequence, num_new, prefix)
-                    or not self._acquire_adapter(sequence)):
+            if not self.block_manager.can_allocate(sequence, num_new, prefix):
                 break  # first come, first served: nobody overtakes the oldest waiting request
+            try:
+                if not self._acquire_adapter(sequence):
+                    break
+            except AdapterError as error:  # its adapter can no longer be read: this request alone fails
+                self.finish(sequence, "error")
+                self.failed.append((sequence, error))
+                continue
             self.waiting.popleft()
             self.block_manager.allocate(sequence, num_new, prefix)
             sequence.status = SequenceStatus.RUNNING
@@ -104,7 +112,12 @@ class Scheduler:
             batch.num_new_tokens.append(num_new)
             budget -= num_new
 
-    def _preempt(self, sequence: Sequence) -> None:
+    def take_failed(self) -> list[tuple[Sequence, Exception]]:
+        """Requests that failed to be admitted since the last call (already finished), with their errors."""
+        failed, self.failed = self.failed, []
+        return failed
+
+    def preempt(self, sequence: Sequence) -> None:
         """Free `sequence`'s blocks and put it first in line; its KV will be recomputed from its tokens."""
         self.running.remove(sequence)
         self.block_manager.free(sequence)

@@ -7,3 +7,11 @@ class ModelLoadError(Exception):
 
 class ChatTemplateError(ValueError):
     """The chat template is missing, or refused these messages (a bad role, a `raise_exception` call)."""
+
+
+class InvalidTextError(ValueError):
+    """The text cannot be tokenized: it is not valid Unicode (a lone surrogate from a JSON escape)."""
+
+
+class TextTooLongError(ValueError):
+    """The text holds more tokens than the caller allows; found without tokenizing all of it."""

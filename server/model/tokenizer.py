@@ -8,7 +8,12 @@ import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from server.model.errors import ChatTemplateError
+from server.model.errors import ChatTemplateError, InvalidTextError, TextTooLongError
+
+# A text is tokenized a prefix at a time, the first of this many characters per allowed token, each next one four
+# times as long; a prefix holding more than twice the allowed tokens (and some slack for the word it cuts) already
+# proves the whole text too long. A 10 MB prompt is refused after tokenizing a few kilobytes of it.
+FIRST_PREFIX_CHARS_PER_TOKEN = 16
 
 
 class Tokenizer:
@@ -36,8 +41,21 @@ class Tokenizer:
         self.chat_template = chat_template
         self.compiled_template = compile_chat_template(chat_template) if chat_template is not None else None
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
+        """Token ids of `text`. With `max_tokens`, a text far longer than that raises TextTooLongError having
+        tokenized only a prefix of it (a text a little longer is returned whole, for the caller to refuse)."""
+        require_unicode(text)
+        if max_tokens is not None:
+            self._refuse_far_longer(text, max_tokens)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def _refuse_far_longer(self, text: str, max_tokens: int) -> None:
+        limit = 2 * max_tokens + 64
+        length = FIRST_PREFIX_CHARS_PER_TOKEN * max_tokens
+        while length < len(text):
+            if len(self.backend.encode(text[:length], add_special_tokens=False).ids) > limit:
+                raise TextTooLongError(f"the text holds more than {limit} tokens; at most {max_tokens} fit")
+            length *= 4
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
@@ -62,6 +80,17 @@ class Tokenizer:
             )
         except jinja2.TemplateError as error:
             raise ChatTemplateError(f"chat template failed: {error}") from error
+
+
+def require_unicode(text: str) -> None:
+    """JSON can carry a lone surrogate (an escaped half of a pair), which no encoder can turn into bytes."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidTextError(f"the text is not valid Unicode: a lone surrogate U+{ord(text[error.start]):04X} "
+                               f"at character {error.start}") from None
 
 
 def compile_chat_template(source: str) -> jinja2.Template:

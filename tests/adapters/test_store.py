@@ -7,6 +7,7 @@ import pytest
 
 from adapters.errors import AdapterFormatError, AdapterNameError
 from adapters.format import inspect_adapter
+from adapters.server_path import checked_source_files
 from adapters.store import AdapterStore, validate_name
 from tests.adapters.helpers import BASE, WEIGHTS
 
@@ -24,24 +25,34 @@ def test_safe_names_are_accepted(name: str) -> None:
     assert validate_name(name) == name
 
 
-def test_stage_and_commit_place_a_version(make_adapter: Callable[..., Path], tmp_path: Path) -> None:
+def test_stage_copy_and_commit_place_a_version(make_adapter: Callable[..., Path], tmp_path: Path) -> None:
     store, source = AdapterStore(tmp_path / "store"), make_adapter()
-    staging = store.stage(source, move=False)
+    staging = store.stage_copy(checked_source_files(source, max_bytes=1 << 20), max_bytes=1 << 20)
     assert (source / WEIGHTS).exists() and staging.parent == store.root
     stored = store.commit(staging, "tuned", 3, inspect_adapter(staging, BASE, max_rank=8))
     assert stored.directory == store.root / "tuned" / "v3" and not staging.exists()
     assert sorted(path.name for path in stored.directory.iterdir()) == ["adapter_config.json", WEIGHTS]
     assert store.versions("tuned") == [3]
-    taken = make_adapter()
-    moved = store.stage(taken, move=True)
-    assert not (taken / WEIGHTS).exists() and (moved / WEIGHTS).exists()
+    with store.scratch() as scratch:
+        taken = Path(shutil.copytree(make_adapter(), scratch / "upload"))
+        moved = store.stage(taken)
+        assert not (taken / WEIGHTS).exists() and (moved / WEIGHTS).exists()
+    assert not scratch.exists() and scratch.parent == store.root
+
+
+def test_a_scratch_directory_a_crash_left_is_removed_at_start_up(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "store")
+    with store.scratch() as scratch:
+        (scratch / WEIGHTS).write_bytes(b"half an upload")
+        AdapterStore(store.root).scan(BASE, max_rank=8)  # what a restarted server does first
+        assert not scratch.exists()
 
 
 def test_stage_of_pickled_only_adapter_copies_nothing(make_adapter: Callable[..., Path], tmp_path: Path) -> None:
     store, source = AdapterStore(tmp_path / "store"), make_adapter()
     (source / WEIGHTS).rename(source / "adapter_model.bin")
     with pytest.raises(AdapterFormatError, match="pickled"):
-        store.stage(source, move=True)
+        store.stage(source)
     assert list(store.root.iterdir()) == []
 
 

@@ -43,6 +43,9 @@ class FakeEngine:
         self.capacity = capacity
         self.streams: list[FakeStream] = []
 
+    def check_capacity(self, count: int) -> None:
+        """The batch seems to fit when it arrives; others fill the queue while it is submitted."""
+
     def submit(self, prompt: list[int], params: SamplingParams, request_id: str, adapter: None) -> FakeStream:
         if len(self.streams) == self.capacity:
             raise QueueFullError("full")
