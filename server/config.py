@@ -27,7 +27,7 @@ class ServerConfig:
     max_cpu_loras: int = 32  # adapters kept loaded in CPU memory (LRU)
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 << 20  # largest accepted upload
-    max_request_bytes: int = 8 << 20  # largest request body (uploads excepted): larger ones get 413 unread
+    max_request_bytes: int = 2 << 20  # largest request body (uploads excepted; TGI's default): 413 unread
     spec_tokens: int = 0  # speculative decoding: tokens proposed per step (0: off)
     spec_ngram_min: int = 2  # prompt lookup matches suffixes of spec_ngram_min to spec_ngram_max tokens
     spec_ngram_max: int = 4

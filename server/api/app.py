@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from server.api import adapter_routes, lorax_routes, openai_routes
@@ -13,6 +13,7 @@ from server.api.common_schema import MAX_STOP_SEQUENCES
 from server.api.body_limits import BodyLimits
 from server.api.errors import error_responder, install_error_handlers
 from server.api.generation import engine_of
+from server.api.openapi import HealthStatus, describe_errors_only
 from server.config import ServerConfig
 from server.engine.async_engine import AsyncEngine
 from server.metrics import Metrics
@@ -27,7 +28,8 @@ def package_version() -> str:
         return "unknown"
 
 
-@router.get("/health")
+@router.get("/health", response_model=HealthStatus, responses={
+    503: {"model": HealthStatus, "description": "The engine stopped, or the server is shutting down."}})
 async def health(engine: AsyncEngine = Depends(engine_of)) -> JSONResponse:
     """200 while the engine loop runs; 503 once it died, so an orchestrator restarts the server, or while it
     shuts down, so a load balancer stops sending it requests."""
@@ -59,7 +61,7 @@ async def info(request: Request, engine: AsyncEngine = Depends(engine_of)) -> di
     }
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics_text(request: Request, engine: AsyncEngine = Depends(engine_of)) -> Response:
     """Prometheus text. The scheduler and adapter gauges are set here, at scrape time, and nowhere else: one
     definition of each (waiting includes requests not yet handed to the scheduler), nothing on the step path."""
@@ -91,8 +93,10 @@ def create_app(engine: AsyncEngine, metrics: Metrics, config: ServerConfig, admi
     app.state.config = config
     app.state.admin_key = admin_key
     install_error_handlers(app, metrics)
-    app.add_middleware(BodyLimits, max_bytes=config.max_request_bytes, upload_path=adapter_routes.UPLOAD_PATH,
-                       max_upload_bytes=config.max_adapter_bytes, respond=error_responder(metrics))
+    describe_errors_only(app)
+    app.add_middleware(BodyLimits, routes=app.router.routes, max_bytes=config.max_request_bytes,
+                       upload_path=adapter_routes.UPLOAD_PATH, max_upload_bytes=config.max_adapter_bytes,
+                       respond=error_responder(metrics))
     for routes in (router, openai_routes.router, lorax_routes.router, adapter_routes.router,
                    adapter_routes.admin_router):
         app.include_router(routes)

@@ -1,15 +1,16 @@
 """Bounds on request bodies, enforced before anything parses them.
 
 A body larger than `--max-request-bytes` gets 413 as soon as its Content-Length (or, when it is chunked, its
-bytes so far) says so; JSON nested deeper than MAX_JSON_DEPTH gets 400, where Python's parser would otherwise hit
-its recursion limit (a 500). Reading a body awaits the network, so the event loop serves others meanwhile.
-Adapter uploads are not buffered: the multipart parser streams them to disk under their own limit.
+bytes so far) says so. A body that is not UTF-8, or whose JSON nests deeper than MAX_JSON_DEPTH (Python's parser
+would hit its recursion limit: a 500), gets 400. Reading a body awaits the network, so the event loop serves others
+meanwhile. Adapter uploads are not buffered: the multipart parser streams them to disk under their own limit.
 """
 import re
 from collections.abc import Awaitable, Callable
 
 import numpy as np
 from starlette.requests import Request
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import InvalidRequestError, RequestTooLargeError
@@ -24,6 +25,18 @@ STEPS = bytes.maketrans(b"[{]}", bytes([1, 1, 255, 255]))  # +1 and, as int8, -1
 ErrorResponder = Callable[[Request, Exception], Awaitable[object]]
 
 
+def json_body_problem(body: bytes) -> str | None:
+    """Why `body` cannot be a JSON body this server parses: not UTF-8 (JSON's encoding), or nested too deeply."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return f"the body is not UTF-8 text: byte {error.start} cannot be decoded"
+    depth = json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        return f"the body nests {depth} levels of arrays and objects; at most {MAX_JSON_DEPTH} are accepted"
+    return None
+
+
 def json_depth(body: bytes) -> int:
     """How deeply arrays and objects nest in `body`, without parsing it (any bytes give some answer)."""
     brackets = JSON_STRING.sub(b"", body).translate(None, NOT_BRACKETS)
@@ -34,9 +47,10 @@ def json_depth(body: bytes) -> int:
 class BodyLimits:
     """ASGI middleware around the app; `respond` renders a refusal the way the app's error handlers do."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_path: str, max_upload_bytes: int,
-                 respond: ErrorResponder) -> None:
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute], max_bytes: int, upload_path: str,
+                 max_upload_bytes: int, respond: ErrorResponder) -> None:
         self.app = app
+        self.routes = routes
         self.max_bytes = max_bytes
         self.upload_path = upload_path
         self.max_upload_bytes = max_upload_bytes + UPLOAD_OVERHEAD_BYTES
@@ -51,6 +65,8 @@ class BodyLimits:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             await self.refuse(scope, receive, send, too_large(limit))
+        elif not any(route.matches(scope)[0] is Match.FULL for route in self.routes):
+            await self.app(scope, counting(receive, limit), send)  # routing answers (404, 405), unread
         elif upload:
             await self.app(scope, counting(receive, limit), send)
         else:
@@ -71,10 +87,9 @@ class BodyLimits:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        depth = json_depth(body)
-        if depth > MAX_JSON_DEPTH:
-            await self.refuse(scope, receive, send, InvalidRequestError(
-                f"the body nests {depth} levels of arrays and objects; at most {MAX_JSON_DEPTH} are accepted"))
+        problem = json_body_problem(body)
+        if problem is not None:
+            await self.refuse(scope, receive, send, InvalidRequestError(problem))
             return
         await self.app(scope, replaying(body, receive), send)
 

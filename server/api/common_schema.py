@@ -5,6 +5,8 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.api.errors import InvalidRequestError
+
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 1024  # characters of one stop string: each is checked against the text after every token
 MAX_LOGPROBS = 20  # alternatives reported per token, as vLLM's default --max-logprobs
@@ -22,10 +24,23 @@ class StrictSchema(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
+def document_nulls_and_unsupported(schema: dict[str, Any], model: type["RequestSchema"]) -> None:
+    """The JSON schema says what validation accepts: an optional field may be null (its default), and a field this
+    server does not serve takes only the values that ask for nothing."""
+    properties, required = schema.get("properties", {}), set(schema.get("required", []))
+    for name, field in properties.items():
+        if name not in required and {"type": "null"} not in field.get("anyOf", []):
+            outer = {key: field.pop(key) for key in ("default", "title", "description") if key in field}
+            properties[name] = {**outer, "anyOf": [field, {"type": "null"}]}
+    for name, neutral in model.unsupported.items():
+        properties[name] = {"enum": list(neutral), "description": "not supported: only values that ask for nothing"}
+
+
 class RequestSchema(StrictSchema):
     """Base of request bodies: nulls fall back to defaults; `unsupported` maps a field this server knows but does
     not serve to the values that ask for nothing, and any other value is refused."""
 
+    model_config = ConfigDict(json_schema_extra=document_nulls_and_unsupported)
     unsupported: ClassVar[dict[str, tuple]] = {}
 
     @model_validator(mode="before")
@@ -34,8 +49,9 @@ class RequestSchema(StrictSchema):
         if not isinstance(data, dict):
             return data
         for name, neutral in cls.unsupported.items():
-            if data.get(name) not in neutral:
-                raise ValueError(f"{name} is not supported by this server")
+            value = data.get(name)  # compared with its type: 0 is no `false`, and 1.0 no `1`
+            if not any(value == allowed and type(value) is type(allowed) for allowed in neutral):
+                raise InvalidRequestError(f"{name} is not supported by this server", name)
         return {key: value for key, value in data.items() if value is not None and key not in cls.unsupported}
 
 

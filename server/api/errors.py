@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from python_multipart.exceptions import FormParserError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import compile_path
 
 from adapters.errors import AdapterFormatError, AdapterNameError, AdapterNotFoundError, AdapterTooLargeError
 from server.engine.errors import (EngineDeadError, QueueFullError, RequestFailedError, RequestValidationError,
@@ -160,9 +161,22 @@ def error_responder(metrics: Metrics) -> Callable[[Request, Exception], Awaitabl
             metrics.requests_rejected.labels(reason=kind.reason).inc()
         openai = is_openai(request)
         status = kind.openai_status if openai else kind.lorax_status
-        return ErrorResponse(error_body(error, openai), status_code=status, headers=getattr(error, "headers", None))
+        headers = getattr(error, "headers", None)
+        if status == 405 and (allowed := documented_methods(request)):
+            headers = {**(headers or {}), "Allow": allowed}
+        return ErrorResponse(error_body(error, openai), status_code=status, headers=headers)
 
     return handle
+
+
+def documented_methods(request: Request) -> str:
+    """Every method the OpenAPI document lists for this path. Starlette's own Allow names only the first matching
+    route's, and one path has routes on both the public and the admin router."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        if compile_path(template)[0].match(request.url.path):
+            methods |= {method.upper() for method in operations}
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:

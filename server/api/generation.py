@@ -12,7 +12,7 @@ from fastapi import Request
 from adapters.errors import AdapterNotFoundError
 from adapters.registry import AdapterRef
 from server.api.errors import ClientDisconnectedError, GenerationAbortedError, ModelNotFoundError
-from server.engine.async_engine import AsyncEngine, RequestStream
+from server.engine.async_engine import AsyncEngine, OutputQueue, RequestStream
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
@@ -82,10 +82,12 @@ class Generation:
 
 
 class Submission:
-    """The engine requests behind one HTTP request; leaving its `with` block aborts those still running."""
+    """The engine requests behind one HTTP request, all sending their outputs to one queue; leaving its `with`
+    block aborts those still running."""
 
-    def __init__(self, streams: list[RequestStream]) -> None:
+    def __init__(self, streams: list[RequestStream], outputs: OutputQueue) -> None:
         self.streams = streams
+        self.queue = outputs
 
     def __enter__(self) -> "Submission":
         return self
@@ -102,22 +104,16 @@ class Submission:
         return [stream.num_prompt_tokens for stream in self.streams]
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Every request's outputs as they arrive, each with the index of its request."""
-        pending = {asyncio.ensure_future(anext(stream)): index for index, stream in enumerate(self.streams)}
-        try:
-            while pending:
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    index = pending.pop(task)
-                    output = task.result()
-                    if output.finish_reason == "abort":
-                        raise GenerationAbortedError("the engine aborted the request")
-                    if not output.finished:
-                        pending[asyncio.ensure_future(anext(self.streams[index]))] = index
-                    yield index, output
-        finally:
-            for task in pending:
-                task.cancel()
+        """Every request's outputs as they arrive, each with the index of its request; a failure is raised."""
+        unfinished = len(self.streams)
+        while unfinished:
+            index, output = await self.queue.get()
+            if isinstance(output, Exception):
+                raise output
+            if output.finish_reason == "abort":
+                raise GenerationAbortedError("the engine aborted the request")
+            unfinished -= output.finished
+            yield index, output
 
     async def collect(self) -> list[Generation]:
         """Wait for every request to finish; return what each produced, in submission order."""
@@ -134,18 +130,19 @@ def submit(engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingP
 
     Each submitted request pins the adapter for itself, so the pin `select_adapter` took is dropped here.
     """
-    streams: list[RequestStream] = []
+    submission = Submission([], asyncio.Queue())
     try:
         engine.check_capacity(len(prompts))
         for index, (prompt, request_params) in enumerate(zip(prompts, params, strict=True)):
-            streams.append(engine.submit(prompt, request_params, f"{request_id}-{index}", adapter))
+            submission.streams.append(engine.submit(prompt, request_params, f"{request_id}-{index}", adapter,
+                                                    submission.queue, index))
     except BaseException:
-        Submission(streams).abort()
+        submission.abort()
         raise
     finally:
         if adapter is not None:
             engine.adapters.unpin(adapter)
-    return Submission(streams)
+    return submission
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -13,6 +13,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from server.api.generation import (Generation, Submission, engine_of, finite, new_request_id, select_adapter, submit,
                                    tokenize, unless_disconnected)
 from server.api.lorax_schemas import GenerateParameters, GenerateRequest
+from server.api.openapi import LORAX_GENERATION_ERRORS, STREAM
 from server.api.streaming import add_stream_switch_route, sse_events
 from server.engine.async_engine import AsyncEngine
 from server.engine.outputs import TokenLogprob
@@ -100,12 +101,13 @@ async def token_events(job: LoraxJob) -> AsyncIterator[dict]:
                 yield event
 
 
-@router.post("/generate")
+@router.post("/generate", responses=LORAX_GENERATION_ERRORS)
 async def generate(request: Request, job: LoraxJob = Depends(submitted_generate)) -> dict:
     return await generate_once(request, job)
 
 
-@router.post("/generate_stream", response_class=EventSourceResponse)
+@router.post("/generate_stream", response_class=EventSourceResponse,
+             responses={200: {"content": STREAM}, **LORAX_GENERATION_ERRORS})
 async def generate_stream(job: LoraxJob = Depends(submitted_generate)) -> AsyncIterator[ServerSentEvent]:
     async for event in sse_events(token_events(job), openai=False):
         yield event
@@ -116,4 +118,4 @@ async def generate_compat(request: Request, job: LoraxJob = Depends(submitted_ge
     return [await generate_once(request, job)]
 
 
-add_stream_switch_route(router, "/", generate_compat, generate_stream)
+add_stream_switch_route(router, "/", generate_compat, generate_stream, LORAX_GENERATION_ERRORS)

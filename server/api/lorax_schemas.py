@@ -21,7 +21,7 @@ class GenerateParameters(RequestSchema):
         "response_format": (None,)}
 
     adapter_id: str | None = None  # an uploaded adapter's name; empty or the base model's name means none
-    adapter_source: str | None = None  # only "local": adapters are uploaded here, never fetched
+    adapter_source: str | None = Field(None, json_schema_extra={"enum": ["local", None]})  # adapters are never fetched
     api_token: str | None = None  # for private hub adapters; nothing is fetched, so it is ignored
     do_sample: bool = False
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_INT32)

@@ -13,6 +13,7 @@ from server.api.generation import (Generation, engine_of, new_request_id, select
                                    tokenize_chat, unless_disconnected)
 from server.api.openai_format import OpenAIJob, chat_logprobs, completion_logprobs, openai_chunks
 from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from server.api.openapi import OPENAI_GENERATION_ERRORS
 from server.api.streaming import add_stream_switch_route, sse_events
 from server.engine.async_engine import AsyncEngine
 from server.engine.outputs import RequestOutput
@@ -140,5 +141,6 @@ async def list_models(engine: AsyncEngine = Depends(engine_of)) -> dict:
     return {"object": "list", "data": [model_object(engine, engine.model_name, None, 0), *adapters]}
 
 
-add_stream_switch_route(router, "/v1/completions", create_completion, stream_completion)
-add_stream_switch_route(router, "/v1/chat/completions", create_chat_completion, stream_chat_completion)
+add_stream_switch_route(router, "/v1/completions", create_completion, stream_completion, OPENAI_GENERATION_ERRORS)
+add_stream_switch_route(router, "/v1/chat/completions", create_chat_completion, stream_chat_completion,
+                        OPENAI_GENERATION_ERRORS)

@@ -2,13 +2,20 @@
 
 Responses are plain dicts built in `openai_format.py`.
 """
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeVar
+
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
 from server.api.common_schema import (MAX_CHOICES, MAX_INT32, MAX_INT64, MAX_LOGPROBS, MAX_STOP_SEQUENCES, MIN_INT64,
                                       RequestSchema, StopString, StopStrings, StrictSchema, TokenId, stop_list)
 from server.engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+# A list stops at its first bad item: a union tries each form of `prompt`, and a million token ids checked as
+# strings would otherwise make a million errors, on the event loop.
+FailFast = Annotated[T, Field(fail_fast=True)]
 
 
 class StreamOptions(StrictSchema):
@@ -62,7 +69,7 @@ class SamplingRequest(RequestSchema):
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions: the prompt is text, token ids, or a batch of either."""
 
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: str | FailFast[list[str]] | FailFast[list[TokenId]] | FailFast[list[FailFast[list[TokenId]]]]
     max_tokens: int = Field(16, ge=1, le=MAX_INT32)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False

@@ -15,6 +15,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.responses import Response
 
 from server.api.errors import error_body
+from server.api.openapi import JSON_OR_STREAM
 from server.engine.errors import ShuttingDownError
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,10 @@ async def asks_for_stream(request: Request) -> bool:
 
 
 def add_stream_switch_route(router: APIRouter, path: str, endpoint: Callable[..., Any],
-                            stream_endpoint: Callable[..., Any]) -> None:
-    router.routes.append(StreamSwitchRoute(path, endpoint, stream_endpoint=stream_endpoint, methods=["POST"]))
+                            stream_endpoint: Callable[..., Any], errors: dict[int | str, dict[str, Any]]) -> None:
+    """The route documents both answers to a success and the `errors` it answers."""
+    router.routes.append(StreamSwitchRoute(path, endpoint, stream_endpoint=stream_endpoint, methods=["POST"],
+                                           responses={**JSON_OR_STREAM, **errors}))
 
 
 async def sse_events(chunks: AsyncIterator[dict], openai: bool) -> AsyncIterator[ServerSentEvent]:

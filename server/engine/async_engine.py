@@ -33,30 +33,41 @@ class EngineStats:
     num_total_blocks: int
 
 
-class RequestStream:
-    """The outputs of one request, as an async iterator; the last one has `finished` set."""
+OutputQueue = asyncio.Queue[tuple[int, "RequestOutput | Exception"]]
 
-    def __init__(self, request_id: str, num_prompt_tokens: int, on_abort: Callable[[str], None]) -> None:
+
+class RequestStream:
+    """The outputs of one request, as an async iterator; the last one has `finished` set, and a failure is raised.
+
+    Several requests can share one queue (the requests behind one HTTP request): each item comes tagged with its
+    stream's `index`, and whoever reads the queue, not the streams, tells them apart.
+    """
+
+    def __init__(self, request_id: str, num_prompt_tokens: int, on_abort: Callable[[str], None],
+                 outputs: OutputQueue | None = None, index: int = 0) -> None:
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
-        self.finished = False
-        self._queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self.index = index
+        self.finished = False  # the engine sent its last output (or an error): nothing left to abort
+        self._outputs: OutputQueue = outputs if outputs is not None else asyncio.Queue()
+        self._read_all = False
         self._on_abort = on_abort
 
-    def put(self, item: RequestOutput | Exception) -> None:
-        self._queue.put_nowait(item)
+    def put(self, item: "RequestOutput | Exception") -> None:
+        self.finished = isinstance(item, Exception) or item.finished
+        self._outputs.put_nowait((self.index, item))
 
     def __aiter__(self) -> "RequestStream":
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self.finished:
+        """For a stream with a queue of its own."""
+        if self._read_all:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        _, item = await self._outputs.get()
+        self._read_all = isinstance(item, Exception) or item.finished
         if isinstance(item, Exception):
-            self.finished = True
             raise item
-        self.finished = item.finished
         return item
 
     def abort(self) -> None:
@@ -146,8 +157,10 @@ class AsyncEngine:
         return reference
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-               adapter: AdapterRef | None = None) -> RequestStream:
-        """Queue a request; raises RequestValidationError, QueueFullError or EngineDeadError at once."""
+               adapter: AdapterRef | None = None, outputs: OutputQueue | None = None, index: int = 0
+               ) -> RequestStream:
+        """Queue a request; raises RequestValidationError, QueueFullError or EngineDeadError at once. Its outputs
+        go to `outputs`, tagged with `index`, when given (see RequestStream)."""
         if not self.healthy:
             raise EngineDeadError("the engine stopped after an internal error")
         if self.draining:
@@ -158,7 +171,7 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         if adapter is not None:
             self.adapters.pin(adapter)  # now, not when the loop adds it: the caller's own pin may go first
-        stream = RequestStream(request_id, len(prompt_token_ids), self._abort)
+        stream = RequestStream(request_id, len(prompt_token_ids), self._abort, outputs, index)
         self._streams[request_id] = stream
         self._pending_adds.append((request_id, list(prompt_token_ids), params, adapter))
         self._wakeup.set()

@@ -36,6 +36,7 @@ class Server:
     url: str
     log: Path
     adapter_dir: Path
+    process: subprocess.Popen
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """Every sample of /metrics, keyed by (name, sorted labels)."""
@@ -68,20 +69,22 @@ def wait_for_ready_line(process: subprocess.Popen, log: Path) -> str:
     raise TimeoutError(f"no ready line within {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-def start_server(directory: Path, *flags: str, model: str = "embedded",
-                 admin_key: str | None = None) -> Iterator[Server]:
-    """A server whose log and adapters live in `directory`; the admin key is set only when given."""
+def start_server(directory: Path, *flags: str, model: str = "embedded", admin_key: str | None = None,
+                 module: str = "server.cli", environment: dict[str, str] | None = None) -> Iterator[Server]:
+    """A server whose log and adapters live in `directory`; the admin key is set only when given. `module` runs
+    instead of the real command line (a test double around it), with `environment` added to the process's."""
     log, adapter_dir = directory / "server.log", directory / "adapters"
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", "0", "--log-level",
+    command = [sys.executable, "-m", module, "serve", "--model", model, "--port", "0", "--log-level",
                "warning", "--adapter-dir", str(adapter_dir), *flags]
-    environment = {name: value for name, value in os.environ.items() if name != ADMIN_KEY_VARIABLE}
+    environment = {name: value for name, value in os.environ.items() if name != ADMIN_KEY_VARIABLE} | (
+        environment or {})
     if admin_key is not None:
         environment[ADMIN_KEY_VARIABLE] = admin_key
     with open(log, "w") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True,
                                    cwd=Path(__file__).parents[2], env=environment)
     try:
-        yield Server(wait_for_ready_line(process, log), log, adapter_dir)
+        yield Server(wait_for_ready_line(process, log), log, adapter_dir, process)
     finally:
         process.terminate()
         try:

@@ -21,7 +21,7 @@ OPENAI_CASES = [
     ("/v1/completions", {"prompt": "Hi", "n": 1000}, 400, "n"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 99}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "Hi", "stop": ["x"] * 40}, 400, "stop"),
-    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"1": 5}}, 400, None),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"1": 5}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": ""}, 400, None),
     ("/v1/completions", {"prompt": [99999999]}, 400, None),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),

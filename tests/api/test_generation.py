@@ -5,7 +5,8 @@ import pytest
 
 from server.api.errors import GenerationAbortedError
 from server.api.generation import Submission, submit
-from server.engine.errors import QueueFullError
+from server.engine.async_engine import RequestStream
+from server.engine.errors import QueueFullError, RequestFailedError
 from server.engine.outputs import RequestOutput
 from server.engine.sampling_params import SamplingParams
 
@@ -14,68 +15,60 @@ def output(text: str, finished: bool = False, reason: str | None = None) -> Requ
     return RequestOutput("r", [1], text, [], finished, reason if finished else None, None, 3, 1)
 
 
-class FakeStream:
-    """Yields its outputs with a pause before each, so two streams interleave; counts aborts."""
-
-    def __init__(self, outputs: list[RequestOutput], delay: float) -> None:
-        self.outputs = list(outputs)
-        self.delay = delay
-        self.num_prompt_tokens = 3
-        self.aborts = 0
-
-    def __aiter__(self) -> "FakeStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        await asyncio.sleep(self.delay)
-        if not self.outputs:
-            raise StopAsyncIteration
-        return self.outputs.pop(0)
-
-    def abort(self) -> None:
-        self.aborts += 1
-
-
 class FakeEngine:
-    """Accepts `capacity` requests, then refuses like a full queue."""
+    """Accepts `capacity` requests, then refuses like a full queue; records aborts."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.streams: list[FakeStream] = []
+        self.streams: list[RequestStream] = []
+        self.aborted: list[str] = []
 
     def check_capacity(self, count: int) -> None:
         """The batch seems to fit when it arrives; others fill the queue while it is submitted."""
 
-    def submit(self, prompt: list[int], params: SamplingParams, request_id: str, adapter: None) -> FakeStream:
+    def submit(self, prompt: list[int], params: SamplingParams, request_id: str, adapter: None,
+               outputs: asyncio.Queue, index: int) -> RequestStream:
         if len(self.streams) == self.capacity:
             raise QueueFullError("full")
-        self.streams.append(FakeStream([output("a"), output("b", finished=True, reason="stop")], 0.001))
+        self.streams.append(RequestStream(request_id, 3, self.aborted.append, outputs, index))
         return self.streams[-1]
+
+
+def submission_with(outputs: list[tuple[int, RequestOutput | Exception]], num_streams: int) -> Submission:
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in outputs:
+        queue.put_nowait(item)
+    return Submission([RequestStream(f"r{index}", 3, lambda _: None, queue, index) for index in range(num_streams)],
+                      queue)
 
 
 def test_a_refused_submission_aborts_the_requests_already_in():
     engine = FakeEngine(capacity=2)
     with pytest.raises(QueueFullError):
         submit(engine, [[1], [2], [3]], [SamplingParams()] * 3, "id", None)
-    assert [stream.aborts for stream in engine.streams] == [1, 1]
+    assert engine.aborted == ["id-0", "id-1"]
 
 
 def test_outputs_of_all_requests_are_merged_and_collected_in_order():
-    slow = FakeStream([output("s1"), output("s2", finished=True, reason="length")], 0.02)
-    fast = FakeStream([output("f1"), output("f2"), output("f3", finished=True, reason="stop")], 0.001)
-    generations = asyncio.run(Submission([slow, fast]).collect())
+    interleaved = [(1, output("f1")), (0, output("s1")), (1, output("f2")), (0, output("s2", True, "length")),
+                   (1, output("f3", True, "stop"))]
+    generations = asyncio.run(submission_with(interleaved, 2).collect())
     assert [g.text for g in generations] == ["s1s2", "f1f2f3"]
     assert [g.finish_reason for g in generations] == ["length", "stop"]
 
 
-def test_leaving_the_with_block_aborts_every_request():
-    streams = [FakeStream([output("x")], 0.001) for _ in range(2)]
-    with Submission(streams):
-        pass
-    assert [stream.aborts for stream in streams] == [1, 1]
+def test_leaving_the_with_block_aborts_the_requests_still_running():
+    engine = FakeEngine(capacity=3)
+    with submit(engine, [[1], [2], [3]], [SamplingParams()] * 3, "id", None):
+        engine.streams[1].put(output("done", True, "stop"))
+    assert engine.aborted == ["id-0", "id-2"]
 
 
 def test_an_engine_abort_is_an_error_not_an_answer():
-    stream = FakeStream([output("x"), output("", finished=True, reason="abort")], 0.001)
     with pytest.raises(GenerationAbortedError):
-        asyncio.run(Submission([stream]).collect())
+        asyncio.run(submission_with([(0, output("x")), (0, output("", True, "abort"))], 1).collect())
+
+
+def test_a_failed_request_raises_its_error():
+    with pytest.raises(RequestFailedError):
+        asyncio.run(submission_with([(1, output("x")), (0, RequestFailedError("failed"))], 2).collect())
