@@ -3,7 +3,8 @@
 Tiers: disk (every adapter), a CPU cache of loaded weights (LRU, `max_cpu_loras`), and the SlotPool's device
 slots (LRU). A request keeps the version it resolved to its end, through uploads and removals:
     ref = resolve(name)  pins the version; ensure_loaded(ref) then reads it into the CPU cache (blocking)
-    acquire(ref)         references its slot while the request is in the running batch; release(ref) after
+    hold(ref)            references its slot while the request is in the running batch, if the version is
+                         resident; if not, the background loader is asked to bring it in. release(ref) after
     unpin(ref)           once per resolve (or pin), when the request is over: finished, aborted or refused
 Uploading a new version or removing a name changes what `resolve` returns at once; the old version is freed
 (files, CPU copy, slot) when its last pin and slot reference are gone. Callers come from the event loop, worker
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from adapters.errors import AdapterError, AdapterNotFoundError
 from adapters.format import AdapterInfo, BaseModelShape, LoraAdapter, inspect_adapter, load_adapter
+from adapters.loader import AdapterLoader
 from adapters.server_path import checked_source_files
 from adapters.slot_pool import SlotPool
 from adapters.store import AdapterStore, StoredAdapter, validate_name
@@ -59,10 +61,14 @@ class AdapterRegistry:
         self._store = AdapterStore(adapter_dir)
         self._base, self._max_rank, self._max_bytes = base, max_rank, max_bytes
         self._lock = threading.Lock()
+        self._placing = threading.Lock()  # one placement at a time (the loader's, or a caller's), never the step's
         self._versions: dict[AdapterRef, _Version] = {}  # current versions, and old ones still in use
         self._current: dict[str, AdapterRef] = {}
         self._last_version: dict[str, int] = {}  # never reuse a version number a request may still hold
-        self._tiers = AdapterTiers(pool, max_cpu_loras, lambda ref: self._versions[ref].references > 0, listener)
+        self._failures: dict[AdapterRef, AdapterError] = {}  # versions the loader could not load
+        self._tiers = AdapterTiers(pool, max_cpu_loras, lambda ref: self._versions[ref].references > 0,
+                                   lambda ref: self._versions[ref].pins > 0, listener)
+        self._loader = AdapterLoader(self.make_resident, self._needed, self._record_failure)
         for stored in self._store.scan(base, max_rank):
             self._register(stored)
 
@@ -84,6 +90,7 @@ class AdapterRegistry:
             assert entry is not None and entry.pins > 0, f"unpin of {ref} without a matching resolve"
             entry.pins -= 1
             self._free_if_unused(ref)
+        self._loader.wake()  # its slot may be the one a queued request's adapter can take now
 
     def records(self) -> list[AdapterRecord]:
         with self._lock:
@@ -133,24 +140,69 @@ class AdapterRegistry:
                 return
         self._load(ref)
 
-    def acquire(self, ref: AdapterRef) -> int | None:
-        """The version's slot, writing it into a free or the least recently used unreferenced slot if it is in
-        none; None while every slot is referenced. Reads disk only if the CPU copy was evicted since
-        `ensure_loaded`. Raises AdapterNotFoundError for a replaced or removed version nobody pinned."""
+    def hold(self, ref: AdapterRef) -> int | None:
+        """The version's slot, referenced once more, if the version is resident; else None, and the background
+        loader is asked to bring it in. Never reads disk nor copies, so the engine step can call it. Raises the
+        error of a load that failed, and AdapterNotFoundError for a version nobody pinned any more."""
         with self._lock:
-            slot = self._hold_slot(ref, adapter=None)
-            if slot is not None or not self._tiers.can_place():
+            entry = self._version(ref)
+            if ref in self._failures:
+                raise self._failures[ref]
+            slot = self._tiers.slot(ref)
+            if slot is not None:
+                entry.references += 1
                 return slot
+        self._loader.want(ref)
+        return None
+
+    def make_resident(self, ref: AdapterRef) -> bool:
+        """Put the version in a slot: reading disk if its CPU copy was evicted since `ensure_loaded`, then taking
+        a free slot, else the least recently used one no running request holds (preferring one no queued request
+        wants). False while every slot is held. Blocks: the loader thread calls it; the copy into the slot happens
+        outside the lock, into a slot nobody can reach until it is filled."""
+        with self._placing:
+            return self._make_resident(ref)
+
+    def _make_resident(self, ref: AdapterRef) -> bool:
+        with self._lock:
+            self._version(ref)
+            if self._tiers.slot(ref) is not None:
+                return True
+            if not self._tiers.can_place():
+                return False
         adapter = self._load(ref)
         with self._lock:
-            return self._hold_slot(ref, adapter)
+            self._version(ref)
+            if self._tiers.slot(ref) is not None:
+                return True
+            slot = self._tiers.reserve_slot()
+        if slot is None:
+            return False
+        seconds = self._tiers.fill(slot, adapter)
+        with self._lock:
+            if ref not in self._versions:  # freed while it was copied
+                self._tiers.free(slot)
+                raise AdapterNotFoundError(f"adapter {ref.name!r} version {ref.version} was removed")
+            self._tiers.occupy(ref, slot, seconds)
+        return True
 
     def release(self, ref: AdapterRef) -> None:
         with self._lock:
             entry = self._versions.get(ref)
-            assert entry is not None and entry.references > 0, f"release of {ref} without a matching acquire"
+            assert entry is not None and entry.references > 0, f"release of {ref} without a matching hold"
             entry.references -= 1
             self._free_if_unused(ref)
+        self._loader.wake()
+
+    def waiting_for_load(self) -> int:
+        """Requests (queued, or being prepared) whose adapter version is not in a slot yet."""
+        with self._lock:
+            return sum(entry.pins for ref, entry in self._versions.items() if self._tiers.slot(ref) is None)
+
+    def slots_held(self) -> int:
+        """Slots that running requests hold (a warm slot nobody holds is not counted)."""
+        with self._lock:
+            return sum(1 for entry in self._versions.values() if entry.references)
 
     def slots_in_use(self) -> int:
         """Slots holding some adapter, referenced or kept warm."""
@@ -214,17 +266,19 @@ class AdapterRegistry:
             return
         self._tiers.drop(ref)
         del self._versions[ref]
+        self._failures.pop(ref, None)
         self._store.discard(entry.directory)
 
-    def _hold_slot(self, ref: AdapterRef, adapter: LoraAdapter | None) -> int | None:
-        """The version's slot, referenced once more; `adapter` is placed first if given and the version has none."""
-        entry = self._version(ref)
-        slot = self._tiers.slot(ref)
-        if slot is None and adapter is not None:
-            slot = self._tiers.place(ref, adapter)
-        if slot is not None:
-            entry.references += 1
-        return slot
+    def _needed(self, ref: AdapterRef) -> bool:
+        """Whether some request still waits for the version (the loader skips those nobody needs any more)."""
+        with self._lock:
+            entry = self._versions.get(ref)
+            return entry is not None and entry.pins > 0
+
+    def _record_failure(self, ref: AdapterRef, error: AdapterError) -> None:
+        with self._lock:
+            if ref in self._versions:
+                self._failures[ref] = error
 
     def _load(self, ref: AdapterRef) -> LoraAdapter:
         """The CPU copy; when the cache has none, read from disk outside the lock (a slow load blocks no one)."""

@@ -30,9 +30,12 @@ class _Unheard:
 
 
 class AdapterTiers:
+    """`in_use` says a running request holds the adapter (never evicted); `wanted` that a request is queued for it
+    (evicted only when no slot is free of both)."""
+
     def __init__(self, pool: SlotPool, max_cpu_loras: int, in_use: Callable[[Hashable], bool],
-                 listener: AdapterEventListener | None) -> None:
-        self._pool, self._max_cpu_loras, self._in_use = pool, max_cpu_loras, in_use
+                 wanted: Callable[[Hashable], bool], listener: AdapterEventListener | None) -> None:
+        self._pool, self._max_cpu_loras, self._in_use, self._wanted = pool, max_cpu_loras, in_use, wanted
         self._listener = listener or _Unheard()
         self._cpu: OrderedDict[Hashable, LoraAdapter] = OrderedDict()  # least recently used first
         self._slots: OrderedDict[Hashable, int] = OrderedDict()  # least recently used first
@@ -66,31 +69,42 @@ class AdapterTiers:
     def can_place(self) -> bool:
         return bool(self._free_slots) or self._evictable_slot_owner() is not None
 
-    def place(self, key: Hashable, adapter: LoraAdapter) -> int | None:
-        """Write the adapter into a free slot, else into the least recently used one not in use; None if all are."""
+    def reserve_slot(self) -> int | None:
+        """A free slot, else the least recently used one that no running request holds (preferring one no queued
+        request wants), taken from its adapter; None if every slot is held. Fill it with `fill`, outside the
+        caller's lock, then `occupy` or `free` it."""
         if self._free_slots:
-            slot = self._free_slots.pop()
-        elif (victim := self._evictable_slot_owner()) is not None:
-            slot = self._slots.pop(victim)
-            self._listener.adapter_evicted("gpu")
-        else:
+            return self._free_slots.pop()
+        victim = self._evictable_slot_owner()
+        if victim is None:
             return None
+        self._listener.adapter_evicted("gpu")
+        return self._slots.pop(victim)
+
+    def fill(self, slot: int, adapter: LoraAdapter) -> float:
+        """Copy the adapter into a reserved slot; returns the seconds it took."""
         start = time.perf_counter()
         self._pool.write(slot, adapter)
+        return time.perf_counter() - start
+
+    def occupy(self, key: Hashable, slot: int, seconds: float) -> None:
         self._slots[key] = slot
-        self._listener.adapter_loaded("gpu", time.perf_counter() - start)
-        return slot
+        self._listener.adapter_loaded("gpu", seconds)
+
+    def free(self, slot: int) -> None:
+        self._pool.clear(slot)
+        self._free_slots.append(slot)
 
     def drop(self, key: Hashable) -> None:
         """Forget the adapter in both tiers, zeroing its slot: a removed adapter leaves no weights behind."""
         self._cpu.pop(key, None)
         slot = self._slots.pop(key, None)
         if slot is not None:
-            self._pool.clear(slot)
-            self._free_slots.append(slot)
+            self.free(slot)
 
     def slots_in_use(self) -> int:
         return len(self._slots)
 
     def _evictable_slot_owner(self) -> Hashable | None:
-        return next((key for key in self._slots if not self._in_use(key)), None)
+        unheld = [key for key in self._slots if not self._in_use(key)]
+        return next((key for key in unheld if not self._wanted(key)), unheld[0] if unheld else None)

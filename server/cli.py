@@ -35,6 +35,8 @@ HELP = {
                    "them (CUDA only; --no-cuda-graphs runs every step eagerly)",
     "prefix_caching": "reuse the KV-cache blocks of prompt prefixes earlier requests computed (same adapter version)",
     "max_queue": "requests allowed to wait; beyond that new ones get HTTP 429",
+    "max_overtaking_steps": "while a request waits for its adapter to be loaded, runnable requests behind it go "
+                            "first for at most this many steps; then nobody passes it until it runs",
     "seed": "seeds the sampling of requests that bring no seed of their own",
     "adapter_dir": "directory where uploaded LoRA adapters persist across restarts (default: a temporary one)",
     "max_loras": "adapter slots in device memory: the most distinct adapters in one step",

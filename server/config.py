@@ -21,6 +21,7 @@ class ServerConfig:
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (CUDA only)
     prefix_caching: bool = True  # reuse the KV of full blocks that earlier requests computed
     max_queue: int = 256  # requests waiting before new ones get 429
+    max_overtaking_steps: int = 64  # steps others may pass a request waiting for its adapter to load
     seed: int = 0  # seeds sampling of requests that bring no seed
     adapter_dir: str | None = None  # where uploaded adapters persist; None: a temporary directory
     max_loras: int = 8  # adapter slots in device memory: distinct adapters in one step

@@ -105,16 +105,27 @@ class Metrics:
         self.adapter_requests = Counter("loraserve:adapter_requests", "Requests admitted, by adapter (bounded).",
                                         ["adapter"], registry=registry)
         self.adapter_labels: set[str] = set()
-        self.adapter_slots_in_use = Gauge("loraserve:adapter_slots_in_use", "Adapter slots held by some adapter.",
+        self.adapter_slots_in_use = Gauge("loraserve:adapter_slots_in_use", "Adapter slots holding some adapter.",
                                           registry=registry)
+        self.adapter_slots_held = Gauge("loraserve:adapter_slots_held",
+                                        "Adapter slots that running requests hold (warm slots nobody holds excluded).",
+                                        registry=registry)
+        self.waiting_for_adapter = Gauge("loraserve:num_requests_waiting_adapter",
+                                         "Requests whose adapter is not in a slot yet (being loaded, or waiting for a "
+                                         "slot to be released).", registry=registry)
+        self.adapter_queue_time = Histogram(
+            "loraserve:adapter_request_queue_time_seconds",
+            "From arrival to the first scheduled step, by adapter (bounded; the base model is \"\").", ["adapter"],
+            buckets=LATENCY_BUCKETS, registry=registry)
         self.adapters_loaded = Gauge("loraserve:adapters_loaded",
                                      "Current adapter versions, by the highest tier they sit in (disk, cpu, gpu).",
                                      ["tier"], registry=registry)
 
-    def first_token(self, arrival: float, first_scheduled: float, now: float) -> None:
+    def first_token(self, arrival: float, first_scheduled: float, now: float, adapter: str | None) -> None:
         """A request's first token ends its queueing and prefill phases (times from time.monotonic())."""
         self.time_to_first_token.observe(now - arrival)
         self.queue_time.observe(first_scheduled - arrival)
+        self.adapter_queue_time.labels(adapter=self.adapter_label(adapter or "")).observe(first_scheduled - arrival)
         self.prefill_time.observe(now - first_scheduled)
 
     def request_done(self, arrival: float, first_token: float, last_token: float, num_output_tokens: int) -> None:
@@ -156,12 +167,15 @@ class Metrics:
     def prefix_cache_evicted(self) -> None:
         self.prefix_cache_evictions.inc()
 
-    def count_adapter_request(self, name: str) -> None:
-        """Requests per adapter, with names past the first MAX_ADAPTER_LABELS folded into "other"."""
+    def adapter_label(self, name: str) -> str:
+        """The adapter's own label for the first MAX_ADAPTER_LABELS names seen, "other" for the rest."""
         if name not in self.adapter_labels and len(self.adapter_labels) >= MAX_ADAPTER_LABELS:
-            name = "other"
+            return "other"
         self.adapter_labels.add(name)
-        self.adapter_requests.labels(adapter=name).inc()
+        return name
+
+    def count_adapter_request(self, name: str) -> None:
+        self.adapter_requests.labels(adapter=self.adapter_label(name)).inc()
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

@@ -71,6 +71,8 @@ async def metrics_text(request: Request, engine: AsyncEngine = Depends(engine_of
     metrics.waiting.set(stats.num_waiting)
     metrics.kv_cache_usage.set(1.0 - stats.num_free_blocks / stats.num_total_blocks)
     metrics.adapter_slots_in_use.set(engine.adapters.slots_in_use())
+    metrics.adapter_slots_held.set(engine.adapters.slots_held())
+    metrics.waiting_for_adapter.set(engine.adapters.waiting_for_load())
     metrics.count_adapter_tiers(record.tier for record in engine.adapters.records())
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 

@@ -54,7 +54,7 @@ class LLMEngine:
             self._capture_graphs(config.max_num_seqs)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching, self.metrics)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs,
-                                   self.adapters)
+                                   self.adapters, config.max_overtaking_steps)
         self.stop_checker = StopChecker(loaded.tokenizer, self.max_model_len)
         self.sequences: dict[str, Sequence] = {}
         self.seed_source = random.Random(config.seed)
@@ -271,7 +271,8 @@ class LLMEngine:
         self.metrics.generation_tokens.inc(num_tokens)
         if sequence.first_token_time is None:
             sequence.first_token_time = now
-            self.metrics.first_token(sequence.arrival_time, sequence.first_scheduled_time, now)
+            self.metrics.first_token(sequence.arrival_time, sequence.first_scheduled_time, now,
+                                     sequence.adapter.name if sequence.adapter is not None else None)
         else:
             self.metrics.inter_token_latency.observe(now - sequence.last_token_time)
         sequence.last_token_time = now

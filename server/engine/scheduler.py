@@ -4,8 +4,8 @@ Running requests go first, oldest first, each taking a decode token (and its dra
 the rest of its prefill (chunked to fit the budget); waiting requests are admitted in arrival order with what
 budget is left, skipping the leading blocks the prefix cache already holds. When the cache runs out of blocks,
 the newest running request is preempted: its blocks are freed and it is recomputed later. A request with an
-adapter is admitted only once its adapter holds a slot, so a step never has more distinct adapters than there are
-slots; the oldest waiting request is never overtaken, so none starves.
+adapter is admitted only once its adapter is resident in a slot, so a step never has more distinct adapters than
+there are slots; requests that can run go ahead of it meanwhile, for at most `max_overtaking_steps` steps.
 """
 import time
 from collections import deque
@@ -34,9 +34,10 @@ class Scheduler:
     """Owns the waiting queue and the running batch, and the block manager they draw on."""
 
     def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 adapters: AdapterRegistry | None = None) -> None:
+                 adapters: AdapterRegistry | None = None, max_overtaking_steps: int = 64) -> None:
         self.block_manager = block_manager
         self.adapters = adapters
+        self.max_overtaking_steps = max_overtaking_steps
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -88,29 +89,46 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            sequence = self.waiting[0]
+        """Admit in arrival order while blocks, budget and --max-num-seqs allow. A request whose adapter is not in
+        a slot yet is passed over, so base requests and those of resident adapters behind it run meanwhile; once a
+        request has been passed over in `max_overtaking_steps` steps, nobody passes it any more."""
+        passed_over: list[Sequence] = []
+        overtaken: set[int] = set()  # id() of those passed over and then overtaken this step
+        index = 0
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            sequence = self.waiting[index]
             prefix = self.block_manager.cached_prefix(sequence)
             num_new = min(sequence.num_tokens - len(prefix) * self.block_manager.block_size, budget)
             if not self.block_manager.can_allocate(sequence, num_new, prefix):
-                break  # first come, first served: nobody overtakes the oldest waiting request
+                break  # memory is first come, first served: nobody overtakes a request that does not fit
             try:
-                if not self._acquire_adapter(sequence):
-                    break
-            except AdapterError as error:  # its adapter can no longer be read: this request alone fails
+                held = self._hold_adapter(sequence)
+            except AdapterError as error:  # its adapter cannot be loaded: this request alone fails
                 self.finish(sequence, "error")
                 self.failed.append((sequence, error))
                 continue
-            self.waiting.popleft()
-            self.block_manager.allocate(sequence, num_new, prefix)
-            sequence.status = SequenceStatus.RUNNING
-            if sequence.first_scheduled_time is None:
-                sequence.first_scheduled_time = time.monotonic()
-                sequence.num_cached_tokens = sequence.num_computed_tokens
-            self.running.append(sequence)
-            batch.sequences.append(sequence)
-            batch.num_new_tokens.append(num_new)
+            if not held:
+                if sequence.overtaken_steps >= self.max_overtaking_steps:
+                    break
+                passed_over.append(sequence)
+                index += 1
+                continue
+            overtaken.update(id(waiting) for waiting in passed_over)
+            del self.waiting[index]
+            self._admit(sequence, num_new, prefix, batch)
             budget -= num_new
+        for sequence in passed_over:
+            sequence.overtaken_steps += id(sequence) in overtaken
+
+    def _admit(self, sequence: Sequence, num_new: int, prefix: tuple[int, ...], batch: ScheduledBatch) -> None:
+        self.block_manager.allocate(sequence, num_new, prefix)
+        sequence.status = SequenceStatus.RUNNING
+        if sequence.first_scheduled_time is None:
+            sequence.first_scheduled_time = time.monotonic()
+            sequence.num_cached_tokens = sequence.num_computed_tokens
+        self.running.append(sequence)
+        batch.sequences.append(sequence)
+        batch.num_new_tokens.append(num_new)
 
     def take_failed(self) -> list[tuple[Sequence, Exception]]:
         """Requests that failed to be admitted since the last call (already finished), with their errors."""
@@ -140,12 +158,13 @@ class Scheduler:
         sequence.finish_reason = reason
         sequence.stop_reason = stop_reason
 
-    def _acquire_adapter(self, sequence: Sequence) -> bool:
-        """Give `sequence` its adapter's slot; False when every slot is held by running requests."""
+    def _hold_adapter(self, sequence: Sequence) -> bool:
+        """Give `sequence` its adapter's slot; False while the adapter is not resident (the registry's loader
+        brings it in meanwhile, off this thread)."""
         if sequence.adapter is None or sequence.lora_slot >= 0:
             return True
         assert self.adapters is not None
-        slot = self.adapters.acquire(sequence.adapter)
+        slot = self.adapters.hold(sequence.adapter)
         if slot is None:
             return False
         sequence.lora_slot = slot

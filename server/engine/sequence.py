@@ -40,6 +40,7 @@ class Sequence:
     generator: torch.Generator
     adapter: AdapterRef | None = None
     lora_slot: int = -1  # the adapter's slot while this request holds one
+    overtaken_steps: int = 0  # steps in which later requests were admitted while it waited for its adapter
     arrival_time: float = field(default_factory=time.monotonic)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters.format import BaseModelShape
+from adapters.registry import AdapterRef, AdapterRegistry
 
 BASE = BaseModelShape.for_llama(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
                                 head_dim=16)
@@ -48,3 +49,9 @@ def edit_config(directory: Path, **changes: Any) -> None:
 def tensor_name(layer: int, target: str, matrix: str) -> str:
     parent = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
     return f"base_model.model.model.layers.{layer}.{parent}.{target}.lora_{matrix}.weight"
+
+
+def acquire(registry: AdapterRegistry, ref: AdapterRef) -> int | None:
+    """What the engine gets once the loader has done its part: the version made resident and its slot held (None
+    while every slot is held). Calls `hold` only when resident, so no loader thread starts behind the test."""
+    return registry.hold(ref) if registry.make_resident(ref) else None

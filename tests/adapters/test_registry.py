@@ -10,7 +10,7 @@ from adapters.errors import AdapterFormatError, AdapterNameError, AdapterNotFoun
 from adapters.format import load_adapter
 from adapters.registry import AdapterRef, AdapterRegistry
 from adapters.slot_pool import SlotPool
-from tests.adapters.helpers import BASE, WEIGHTS, read_tensors, tensor_name
+from tests.adapters.helpers import BASE, WEIGHTS, acquire, read_tensors, tensor_name
 
 MAX_RANK = 8
 MakeRegistry = Callable[..., tuple[AdapterRegistry, SlotPool]]
@@ -57,9 +57,11 @@ def test_add_resolve_and_record(make_registry: MakeRegistry,
     assert (record.targets, record.tier, record.requests_served) == (["q_proj", "v_proj"], "cpu", 0)
     ref = registry.resolve("tuned")
     assert ref == AdapterRef("tuned", 1)
+    assert registry.waiting_for_load() == 1 and registry.slots_held() == 0
     registry.count_request(ref)
-    slot = registry.acquire(ref)
+    slot = acquire(registry, ref)
     assert registry.record("tuned").tier == "gpu" and registry.record("tuned").requests_served == 1
+    assert registry.waiting_for_load() == 0 and registry.slots_held() == 1
     kept = make_adapter(seed=5)
     assert registry.add_from_path("copied", kept).version == 1 and (kept / WEIGHTS).exists()
     assert [record.name for record in registry.records()] == ["copied", "tuned"]
@@ -82,13 +84,13 @@ def test_new_version_serves_new_requests_while_old_holders_keep_theirs(
     expected_first, expected_second = peft_q_a(first), peft_q_a(second)
     registry.add("tuned", first)
     old = registry.resolve("tuned")
-    old_slot = registry.acquire(old)
+    old_slot = acquire(registry, old)
     assert registry.add("tuned", second).version == 2
     new = registry.resolve("tuned")
     assert new == AdapterRef("tuned", 2)
     assert sorted(path.name for path in (tmp_path / "adapters" / "tuned").iterdir()) == ["v2"]
-    assert registry.acquire(old) == old_slot  # still held, still there
-    new_slot = registry.acquire(new)
+    assert acquire(registry, old) == old_slot  # still held, still there
+    new_slot = acquire(registry, new)
     assert new_slot != old_slot
     assert torch.equal(slot_q_a(pool, old_slot), expected_first)
     assert torch.equal(slot_q_a(pool, new_slot), expected_second)
@@ -99,7 +101,7 @@ def test_new_version_serves_new_requests_while_old_holders_keep_theirs(
     assert registry.slots_in_use() == 1 and not slot_q_a(pool, old_slot).any()  # freed at the last use
     assert files(tmp_path / "adapters") == ["tuned/v2/adapter_config.json", f"tuned/v2/{WEIGHTS}"]
     with pytest.raises(AdapterNotFoundError, match="version 1 was replaced or removed"):
-        registry.acquire(old)
+        acquire(registry, old)
     registry.release(new)
     registry.unpin(new)
 
@@ -113,7 +115,7 @@ def test_a_pinned_version_replaced_while_waiting_still_runs(make_registry: MakeR
     waiting = registry.resolve("tuned")
     registry.add("tuned", make_adapter(seed=2))  # v1 leaves the CPU cache and its name's directory
     assert registry.record("tuned").version == 2 and registry.record("tuned").tier == "cpu"
-    slot = registry.acquire(waiting)  # read back from where v1 was moved
+    slot = acquire(registry, waiting)  # read back from where v1 was moved
     assert torch.equal(slot_q_a(pool, slot), expected)
     registry.release(waiting)
     registry.unpin(waiting)
@@ -128,7 +130,7 @@ def test_remove_hides_the_name_at_once_and_frees_after_the_last_request(
     expected = peft_q_a(source)
     registry.add("tuned", source)
     running, waiting = registry.resolve("tuned"), registry.resolve("tuned")
-    slot = registry.acquire(running)
+    slot = acquire(registry, running)
     registry.remove("tuned")
     with pytest.raises(AdapterNotFoundError):
         registry.resolve("tuned")
@@ -137,7 +139,7 @@ def test_remove_hides_the_name_at_once_and_frees_after_the_last_request(
     assert registry.add("tuned", make_adapter(seed=3)).version == 2  # never reuses a version still held
     registry.release(running)
     registry.unpin(running)
-    assert registry.acquire(waiting) == slot  # the other request still gets the removed version
+    assert acquire(registry, waiting) == slot  # the other request still gets the removed version
     registry.release(waiting)
     registry.unpin(waiting)
     assert registry.slots_in_use() == 0 and not slot_q_a(pool, slot).any()
@@ -154,17 +156,35 @@ def test_slots_are_lru_and_referenced_slots_are_never_evicted(make_registry: Mak
     for seed, name in enumerate("abc"):
         registry.add(name, make_adapter(seed=seed))
         refs[name] = registry.resolve(name)
-    slot_a, slot_b = registry.acquire(refs["a"]), registry.acquire(refs["b"])
-    assert registry.acquire(refs["c"]) is None  # both slots held
+    slot_a, slot_b = acquire(registry, refs["a"]), acquire(registry, refs["b"])
+    assert acquire(registry, refs["c"]) is None  # both slots held
     registry.release(refs["a"])
-    assert registry.acquire(refs["c"]) == slot_a and ("evicted", "gpu") in events.events
+    assert acquire(registry, refs["c"]) == slot_a and ("evicted", "gpu") in events.events
     assert [registry.record(name).tier for name in "abc"] == ["cpu", "gpu", "gpu"]
     registry.release(refs["b"])
     registry.release(refs["c"])
-    assert registry.acquire(refs["a"]) == slot_b  # b was used less recently than c
+    assert acquire(registry, refs["a"]) == slot_b  # b was used less recently than c
     assert [registry.record(name).tier for name in "abc"] == ["gpu", "cpu", "gpu"]
     registry.release(refs["a"])
     assert registry.num_references() == 0 and registry.slots_in_use() == 2
+
+
+def test_a_slot_nobody_waits_for_is_reused_before_a_less_recent_one_that_queued_requests_want(
+        make_registry: MakeRegistry, make_adapter: MakeAdapter) -> None:
+    registry, pool = make_registry(num_slots=2)
+    refs = {}
+    for seed, name in enumerate("abc"):
+        registry.add(name, make_adapter(seed=seed))
+        refs[name] = registry.resolve(name)
+    slot_a, slot_b = acquire(registry, refs["a"]), acquire(registry, refs["b"])
+    registry.release(refs["a"])  # a's request is preempted: still queued, still pinned
+    registry.release(refs["b"])
+    registry.unpin(refs["b"])  # b's request is over; b is the more recently used
+    assert acquire(registry, refs["c"]) == slot_b
+    assert [registry.record(name).tier for name in "abc"] == ["gpu", "cpu", "gpu"]
+    registry.release(refs["c"])
+    for name in "ac":
+        registry.unpin(refs[name])
 
 
 def test_cpu_cache_is_lru_and_spares_referenced_adapters(make_registry: MakeRegistry,
@@ -178,11 +198,11 @@ def test_cpu_cache_is_lru_and_spares_referenced_adapters(make_registry: MakeRegi
     a, b, c = (registry.resolve(name) for name in "abc")
     registry.ensure_loaded(a)
     assert tiers() == ["cpu", "disk", "cpu"]  # b was the least recently used
-    registry.acquire(a)
+    acquire(registry, a)
     registry.ensure_loaded(b)  # a is the least recently used, but referenced: c goes
     assert tiers() == ["gpu", "cpu", "disk"]
     registry.release(a)
-    registry.acquire(b)  # takes a's slot; a's CPU copy is still there
+    acquire(registry, b)  # takes a's slot; a's CPU copy is still there
     assert tiers() == ["cpu", "gpu", "disk"] and events.events.count(("evicted", "cpu")) == 3
     registry.release(b)
 
@@ -196,7 +216,7 @@ def test_acquire_reads_disk_when_the_cpu_copy_was_evicted(make_registry: MakeReg
     registry.add("a", source)
     registry.add("b", make_adapter(seed=2))
     events.events.clear()
-    slot = registry.acquire(registry.resolve("a"))
+    slot = acquire(registry, registry.resolve("a"))
     assert events.events == [("evicted", "cpu"), ("loaded", "cpu"), ("loaded", "gpu")]
     assert torch.equal(slot_q_a(pool, slot), expected)
 
@@ -232,7 +252,7 @@ def test_a_new_registry_finds_the_adapters(make_registry: MakeRegistry,
     assert [(record.name, record.version, record.rank, record.tier) for record in restarted.records()] == [
         ("a", 1, 2, "disk"), ("b", 2, 4, "disk")]
     b = restarted.resolve("b")
-    slot = restarted.acquire(b)
+    slot = acquire(restarted, b)
     assert torch.equal(pool.layer_weights[1]["qkv_proj"].lora_b[slot, 64 + 32:, :4], expected)
     restarted.release(b)
     assert restarted.add("b", make_adapter(seed=5)).version == 3
@@ -266,7 +286,7 @@ def test_requests_and_uploads_from_many_threads_leave_nothing_held(make_registry
             for _ in range(20):
                 ref = registry.resolve(name)
                 registry.ensure_loaded(ref)
-                while (slot := registry.acquire(ref)) is None:
+                while (slot := acquire(registry, ref)) is None:
                     time.sleep(0.001)
                 assert 0 <= slot < 2
                 registry.release(ref)

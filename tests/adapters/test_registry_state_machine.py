@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from adapters.errors import AdapterNotFoundError
 from adapters.registry import AdapterRef, AdapterRegistry
 from adapters.slot_pool import SlotPool
-from tests.adapters.helpers import BASE, read_tensors, tensor_name
+from tests.adapters.helpers import BASE, acquire, read_tensors, tensor_name
 
 NUM_SLOTS, MAX_RANK, SEEDS = 2, 8, [1, 2, 3]
 NAMES = strategies.sampled_from(["a", "b", "c"])
@@ -61,7 +61,7 @@ class RegistryMachine(RuleBasedStateMachine):
     @rule(data=strategies.data())
     def acquire(self, data: strategies.DataObject) -> None:
         ref = data.draw(strategies.sampled_from(self.pinned))
-        slot = self.registry.acquire(ref)  # never AdapterNotFoundError: the version is pinned
+        slot = acquire(self.registry, ref)  # never AdapterNotFoundError: the version is pinned
         if slot is None:
             assert len({held for held, _ in self.held}) == NUM_SLOTS
         else:
@@ -76,7 +76,7 @@ class RegistryMachine(RuleBasedStateMachine):
     @rule(data=strategies.data())
     def acquire_held_again(self, data: strategies.DataObject) -> None:
         ref, slot = data.draw(strategies.sampled_from(self.held))
-        assert self.registry.acquire(ref) == slot  # even if replaced or removed meanwhile
+        assert acquire(self.registry, ref) == slot  # even if replaced or removed meanwhile
         self.held.append((ref, slot))
 
     @precondition(lambda self: self.held)

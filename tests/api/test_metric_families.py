@@ -98,7 +98,10 @@ def test_one_adapter_slot_loads_and_evicts_by_tier(metrics_server, tiny_model_di
     assert growth(metrics_server, before, "adapter_evictions_total", tier="gpu") == 2
     assert growth(metrics_server, before, "adapter_requests_total", adapter=names[0]) == 2
     assert growth(metrics_server, before, "adapter_requests_total", adapter=names[1]) == 1
+    assert growth(metrics_server, before, "adapter_request_queue_time_seconds_count", adapter=names[0]) == 2
     assert metrics_server.metric("loraserve:adapters_loaded", tier="gpu") == 1
+    assert metrics_server.metric("loraserve:adapter_slots_held") == 0
+    assert metrics_server.metric("loraserve:num_requests_waiting_adapter") == 0
 
 
 def test_a_repeated_prompt_hits_the_prefix_cache(metrics_server):

@@ -1,13 +1,17 @@
 """Adapters in the engine against PEFT: one mixed batch, every request with its own adapter (or none)."""
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+
+import adapters.registry as registry_module
 from server.config import ServerConfig
 from server.engine.engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
 from server.model.loader import load_model
-from tests.api.lora_helpers import peft_model, save_random_adapter
+from tests.api.lora_helpers import peft_greedy, peft_model, save_random_adapter
 from tests.model.helpers import save_tiny_llama
 
 ADAPTERS = {
@@ -52,7 +56,7 @@ def test_mixed_batch_logits_equal_peft(engine, model_dir, adapter_dirs):
     for index, (prompt, name) in enumerate(requests):
         adapter = engine.adapters.resolve(name) if name else None
         if adapter:
-            engine.adapters.ensure_loaded(adapter)
+            engine.adapters.make_resident(adapter)  # so one step holds them all
         engine.add_request(str(index), prompt, SamplingParams(temperature=0.0, max_tokens=1), adapter)
     batch = engine.scheduler.schedule()
     assert len(batch.sequences) == len(requests)  # one step holds them all
@@ -120,3 +124,39 @@ def test_more_adapters_than_slots_take_turns_with_the_same_outputs(engine, model
     assert (outputs, 4) == run(engine)
     assert most_adapters == 2
     assert two_slots.adapters.num_references() == 0 and two_slots.adapters.num_pins() == 0
+
+
+def test_no_step_waits_for_an_adapter_read(model_dir, adapter_dirs, tmp_path, monkeypatch):
+    """The adapter's memory copy was evicted and its read from disk hangs: steps go on (the base request beside
+    it finishes), and once the read returns the request runs with PEFT's answer."""
+    loaded = load_model(str(model_dir), torch.device("cpu"), torch.float32)
+    engine = LLMEngine(loaded, ServerConfig(block_size=4, num_kv_blocks=256, max_loras=2, max_lora_rank=16,
+                                            max_cpu_loras=1, adapter_dir=str(tmp_path)))
+    engine.adapters.add_from_path("slow", adapter_dirs["attention-r4"])
+    engine.adapters.add_from_path("other", adapter_dirs["kv-r2"])  # the one memory copy is now `other`'s
+    reading, release = threading.Event(), threading.Event()
+    read = registry_module.load_adapter
+
+    def hanging_read(*args):
+        reading.set()
+        release.wait()
+        return read(*args)
+    monkeypatch.setattr(registry_module, "load_adapter", hanging_read)
+    prompt, params = PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine.add_request("slow", prompt, params, engine.adapters.resolve("slow"))
+    engine.add_request("base", prompt, params)
+    outputs: dict[str, list[int]] = {"slow": [], "base": []}
+    longest_step, deadline = 0.0, time.monotonic() + 30
+    while (len(outputs["base"]) < 6 or not reading.is_set()) and time.monotonic() < deadline:
+        started = time.monotonic()
+        for output in engine.step():
+            outputs[output.request_id].extend(output.token_ids)
+        longest_step = max(longest_step, time.monotonic() - started)
+    assert reading.is_set() and len(outputs["base"]) == 6 and outputs["slow"] == []
+    assert longest_step < 1.0 and engine.adapters.waiting_for_load() == 1
+    release.set()
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            outputs[output.request_id].extend(output.token_ids)
+    assert outputs["slow"] == peft_greedy(model_dir, adapter_dirs["attention-r4"], prompt, 6)
+    assert engine.adapters.num_references() == 0 and engine.adapters.num_pins() == 0

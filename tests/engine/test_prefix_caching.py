@@ -130,7 +130,7 @@ def test_the_same_prompt_under_two_adapters_gets_different_digests_and_blocks(mo
     for name in (None, "alpha", "beta"):
         adapter = engine.adapters.resolve(name) if name else None
         if adapter is not None:
-            engine.adapters.ensure_loaded(adapter)
+            engine.adapters.make_resident(adapter)  # so one step admits all three
         engine.add_request(str(name), SYSTEM_PROMPTS[2], SamplingParams(max_tokens=1), adapter)
     batch = engine.scheduler.schedule()
     digests = [sequence.block_digests for sequence in batch.sequences]

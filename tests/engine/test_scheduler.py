@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from server.engine.block_manager import BlockManager
@@ -62,3 +63,86 @@ def test_waiting_request_that_does_not_fit_blocks_later_ones():
     scheduler.add(make_sequence("small", 1))
     assert run_step(scheduler) == {}
     assert [s.request_id for s in scheduler.waiting] == ["big", "small"]
+
+
+class FakeAdapters:
+    """Slots for `num_slots` adapters, each held by the running requests that use it. An adapter not in a slot
+    takes one as soon as some slot has no holder (what the loader would do, between steps)."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.holders: dict[str, int] = {}  # adapter -> running requests holding it, in slot order
+
+    def hold(self, adapter: str) -> int | None:
+        if adapter not in self.holders:
+            unheld = [name for name, count in self.holders.items() if count == 0]
+            if len(self.holders) == self.num_slots and not unheld:
+                return None
+            if len(self.holders) == self.num_slots:
+                del self.holders[unheld[0]]
+            self.holders[adapter] = 0
+        self.holders[adapter] += 1
+        return list(self.holders).index(adapter)
+
+    def release(self, adapter: str) -> None:
+        self.holders[adapter] -= 1
+
+    def unpin(self, adapter: str) -> None:
+        pass
+
+
+def adapter_sequence(request_id: str, adapter: str | None, max_tokens: int = 16) -> Sequence:
+    params = SamplingParams(max_tokens=max_tokens)
+    return Sequence(request_id, [1, 2, 3], 3, params, torch.Generator(), adapter=adapter)
+
+
+def test_requests_that_can_run_pass_one_waiting_for_a_slot():
+    adapters = FakeAdapters(num_slots=1)
+    scheduler = Scheduler(BlockManager(64, 4), max_num_batched_tokens=100, max_num_seqs=8, adapters=adapters)
+    scheduler.add(adapter_sequence("holds-x", "x"))
+    assert list(run_step(scheduler)) == ["holds-x"]  # x is in the only slot, held
+    for request_id, adapter in [("needs-y", "y"), ("base", None), ("also-x", "x")]:
+        scheduler.add(adapter_sequence(request_id, adapter))
+    assert list(run_step(scheduler)) == ["holds-x", "base", "also-x"]
+    assert [sequence.request_id for sequence in scheduler.waiting] == ["needs-y"]
+    assert scheduler.waiting[0].overtaken_steps == 1
+
+
+def finish_done(scheduler: Scheduler) -> None:
+    """Retire running requests that reached their max_tokens."""
+    for sequence in list(scheduler.running):
+        if sequence.num_output_tokens >= sequence.params.max_tokens:
+            scheduler.finish(sequence, "length")
+
+
+@pytest.mark.parametrize("bound", [4, 16])
+def test_an_endless_stream_of_runnable_requests_passes_a_waiting_one_for_a_bounded_time(bound):
+    """Every step a new request for the resident adapter arrives, so its slot is never free while anyone may pass:
+    the request for another adapter is admitted once passing stops and the running ones finish."""
+    adapters = FakeAdapters(num_slots=1)
+    scheduler = Scheduler(BlockManager(256, 4), max_num_batched_tokens=100, max_num_seqs=64, adapters=adapters,
+                          max_overtaking_steps=bound)
+    scheduler.add(adapter_sequence("x-0", "x", max_tokens=3))
+    run_step(scheduler)
+    waiting = adapter_sequence("needs-y", "y")
+    scheduler.add(waiting)
+    for step in range(1, 200):
+        scheduler.add(adapter_sequence(f"x-{step}", "x", max_tokens=3))
+        scheduled = run_step(scheduler)
+        finish_done(scheduler)
+        if "needs-y" in scheduled:
+            break
+    assert "needs-y" in scheduled and step <= bound + 4  # the x requests passed before the bound take 3 steps
+    assert waiting.overtaken_steps == bound
+
+
+def test_without_a_bound_the_waiting_request_would_starve():
+    adapters = FakeAdapters(num_slots=1)
+    scheduler = Scheduler(BlockManager(256, 4), max_num_batched_tokens=100, max_num_seqs=64, adapters=adapters,
+                          max_overtaking_steps=10**9)
+    scheduler.add(adapter_sequence("x-0", "x", max_tokens=3))
+    scheduler.add(adapter_sequence("needs-y", "y"))
+    for step in range(1, 100):
+        scheduler.add(adapter_sequence(f"x-{step}", "x", max_tokens=3))
+        assert "needs-y" not in run_step(scheduler)
+        finish_done(scheduler)
