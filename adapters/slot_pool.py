@@ -7,7 +7,7 @@ own output rows; ranks below `max_rank` and untargeted slices stay zero.
 import torch
 
 from adapters.format import BaseModelShape, LoraAdapter
-from kernels.lora import LoraWeights
+from kernels.lora import LoraWeights, prepare_cpu_lora
 
 # Each fused projection of the model and the PEFT targets it holds, in output order.
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
@@ -30,14 +30,20 @@ class SlotPool:
         ]
 
     def write(self, slot: int, adapter: LoraAdapter) -> None:
-        """Overwrite the slot with the adapter, zero-padded to max_rank."""
+        """Overwrite the slot with the adapter, zero-padded to max_rank. The first write on the CPU starts
+        compiling the CPU LoRA kernel in the background, for these projections' shapes."""
         assert adapter.rank <= self.max_rank, f"rank {adapter.rank} exceeds the pool's {self.max_rank}"
+        if self.layer_weights and self.layer_weights[0]["o_proj"].lora_a.device.type == "cpu":
+            prepare_cpu_lora(list(self.layer_weights[0].values()))
         self.clear(slot)
         for layer, projections in enumerate(self.layer_weights):
             for projection, weights in projections.items():
                 weights.scales[slot] = adapter.scale
+                targets = FUSED_PROJECTIONS[projection]
+                adapted = any((layer, target) in adapter.weights for target in targets)
+                weights.ranks[slot] = adapter.rank if adapted else 0  # kernels read no more rows than this
                 output_start = 0
-                for index, (target, size) in enumerate(zip(FUSED_PROJECTIONS[projection], weights.slice_sizes)):
+                for index, (target, size) in enumerate(zip(targets, weights.slice_sizes)):
                     if (layer, target) in adapter.weights:
                         lora_a, lora_b = adapter.weights[(layer, target)]
                         rank_start = index * self.max_rank
@@ -52,6 +58,7 @@ class SlotPool:
                 weights.lora_a[slot].zero_()
                 weights.lora_b[slot].zero_()
                 weights.scales[slot] = 0.0
+                weights.ranks[slot] = 0
 
 
 def _allocate(base: BaseModelShape, targets: tuple[str, ...], num_slots: int, max_rank: int,
@@ -63,4 +70,5 @@ def _allocate(base: BaseModelShape, targets: tuple[str, ...], num_slots: int, ma
         lora_b=torch.zeros(num_slots, sum(slice_sizes), max_rank, device=device, dtype=dtype),
         scales=torch.zeros(num_slots, device=device, dtype=torch.float32),
         slice_sizes=slice_sizes,
+        ranks=[0] * num_slots,
     )

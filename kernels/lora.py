@@ -2,12 +2,16 @@
 
 Adapters live in preallocated slots, stacked and zero-padded to the largest rank, so a fused projection
 (q/k/v, gate/up) keeps one shrink matrix per slot with each slice's rank block side by side. Tokens are grouped
-by slot once per step (`LoraMapping`); each layer then runs one shrink and one expand per active slot.
+by slot once per step (`LoraMapping`). `add_lora` dispatches: grouped Triton kernels on CUDA, compiled
+gather-and-reduce kernels on the CPU (`cpu_lora.py`), and the per-slot reference here where neither runs.
 """
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
+
+from kernels.cpu_lora import COMPILED, GROUP_MATMUL_ROWS
 
 
 @dataclass
@@ -18,10 +22,21 @@ class LoraWeights:
     lora_b: torch.Tensor  # [num_slots, out_features, max_rank]: slice i's B in its own output rows
     scales: torch.Tensor  # [num_slots] float32: alpha / rank (or alpha / sqrt(rank) with rsLoRA)
     slice_sizes: list[int]  # output columns of each slice, in order (q, k, v), (gate, up) or one
+    ranks: list[int] = field(default_factory=list)  # each slot's rank here (0 if empty); [] means all max_rank
 
     @property
     def max_rank(self) -> int:
         return self.lora_b.shape[2]
+
+    def largest_rank(self, slots: list[int]) -> int:
+        """The largest rank among `slots`: kernels that read only that many rows of each slice skip padding."""
+        return max(self.ranks[slot] for slot in slots) if self.ranks else self.max_rank
+
+    @cached_property
+    def slice_bounds(self) -> list[tuple[int, int]]:
+        """Each slice's output columns, [start, end)."""
+        ends = [sum(self.slice_sizes[:index + 1]) for index in range(len(self.slice_sizes))]
+        return list(zip([0] + ends[:-1], ends))
 
     @cached_property
     def slice_ends(self) -> torch.Tensor:
@@ -57,6 +72,13 @@ class LoraMapping:
     @property
     def max_group_len(self) -> int:
         return max(rows.shape[0] for _, rows in self.groups)
+
+    @cached_property
+    def tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token with an adapter, once per step: its row, and its slot (int64), sorted by slot."""
+        rows = torch.cat([rows for _, rows in self.groups])
+        slots = torch.cat([torch.full_like(rows, slot) for slot, rows in self.groups])
+        return rows, slots
 
     @cached_property
     def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,17 +141,64 @@ def add_lora(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights,
         # Imported here so the CPU server never needs a working Triton.
         from kernels.triton_lora import add_lora_triton
         add_lora_triton(output, x, weights, mapping)
-        return
-    add_lora_reference(output, x, weights, mapping)
+    else:
+        add_lora_cpu(output, x, weights, mapping)
+
+
+def prepare_cpu_lora(projections: list[LoraWeights]) -> None:
+    """Start compiling the CPU kernel in the background, for these projections' shapes (one layer's), with one
+    token and several, at their largest rank and a small one."""
+    def warm_up(add_gathered: Callable[..., None]) -> None:
+        for weights in projections:
+            for num_tokens in (1, 3):
+                rows = torch.arange(num_tokens)
+                x = torch.zeros(num_tokens, weights.lora_a.shape[2], dtype=weights.lora_a.dtype)
+                output = torch.zeros(num_tokens, weights.lora_b.shape[1], dtype=weights.lora_b.dtype)
+                for rank in (weights.max_rank, 2):
+                    add_gathered(output, x, rows, rows * 0, weights.lora_a, weights.lora_b, weights.scales,
+                                 weights.slice_bounds, weights.max_rank, rank)
+    COMPILED.start(warm_up)
+
+
+def add_lora_cpu(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
+    """Small groups gathered together in one compiled kernel, when there are several; large ones (prefill
+    chunks), or all of them when nothing could be compiled, by matrix products."""
+    small = [group for group in mapping.groups if group[1].shape[0] < GROUP_MATMUL_ROWS]
+    if len(small) < 2 or COMPILED.get() is None:  # one group's matrix products beat a gathered call
+        small = []
+    add_groups(output, x, weights, [group for group in mapping.groups
+                                    if len(small) == 0 or group[1].shape[0] >= GROUP_MATMUL_ROWS])
+    if small:
+        add_lora_gathered(output, x, weights, LoraMapping(small))
+
+
+def add_lora_gathered(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
+    """Every token's delta from the compiled kernel (`cpu_lora.py`), reading only the largest rank in use."""
+    rank = weights.largest_rank([slot for slot, _ in mapping.groups])
+    if rank == 0:
+        return  # none of these adapters adapts this projection
+    rows, slots = mapping.tokens
+    with torch.inference_mode():
+        COMPILED.get()(output, x, rows, slots, weights.lora_a, weights.lora_b, weights.scales, weights.slice_bounds,
+                       weights.max_rank, rank)
 
 
 def add_lora_reference(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
-    """Plain torch: per active slot, gather its tokens, shrink, expand each slice, scatter-add back."""
-    rank = weights.max_rank
-    for slot, rows in mapping.groups:
-        shrunk = x.index_select(0, rows) @ weights.lora_a[slot].T  # [n, num_slices * rank]
+    """Plain torch, one adapter at a time: the reference the other paths are tested against."""
+    add_groups(output, x, weights, mapping.groups)
+
+
+def add_groups(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights,
+               groups: list[tuple[int, torch.Tensor]]) -> None:
+    """Per group: gather its tokens, shrink, expand each slice (only the slot's own rank), scatter-add back."""
+    max_rank = weights.max_rank
+    for slot, rows in groups:
+        rank = weights.largest_rank([slot])
+        if rank == 0:
+            continue
+        inputs = x.index_select(0, rows)
         delta = torch.cat([
-            shrunk[:, index * rank:(index + 1) * rank] @ lora_b.T
+            (inputs @ weights.lora_a[slot, index * max_rank:index * max_rank + rank].T) @ lora_b[:, :rank].T
             for index, lora_b in enumerate(weights.lora_b[slot].split(weights.slice_sizes, dim=0))
         ], dim=1)
         output.index_add_(0, rows, delta * weights.scales[slot])

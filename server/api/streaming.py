@@ -4,6 +4,8 @@ FastAPI streams SSE from endpoints declared as async generators with `response_c
 Such an endpoint has committed to a 200 stream before its body runs, so every refusal must happen earlier: in
 the dependencies, which parse, validate and submit the request before either kind of endpoint is called.
 """
+import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -40,12 +42,13 @@ class StreamSwitchRoute(APIRoute):
 
 
 async def asks_for_stream(request: Request) -> bool:
-    """Peek at the body (Starlette caches it for the real handler); a malformed one goes the JSON way."""
+    """Peek at the body, parsed in a worker thread (a large batch takes a while to parse, and the event loop must
+    go on serving) and left in Starlette's cache for the real handler; a malformed one goes the JSON way."""
     try:
-        body = await request.json()
+        request._json = await asyncio.to_thread(json.loads, await request.body())  # Request.json's own cache
     except ValueError:
         return False
-    return isinstance(body, dict) and body.get("stream") is True
+    return isinstance(request._json, dict) and request._json.get("stream") is True
 
 
 def add_stream_switch_route(router: APIRouter, path: str, endpoint: Callable[..., Any],

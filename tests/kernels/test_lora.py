@@ -1,10 +1,22 @@
-"""The Triton grouped LoRA shrink/expand against a float64 per-token computation."""
+"""The LoRA kernels (Triton's grouped shrink/expand, the compiled CPU gather-and-reduce, the per-slot reference)
+against a float64 per-token computation, with slots of different ranks padded to the largest."""
 import pytest
 import torch
 
-from kernels.lora import LoraMapping, LoraWeights, PaddedLoraMapping
+from kernels.cpu_lora import COMPILED
+from kernels.lora import (LoraMapping, LoraWeights, PaddedLoraMapping, add_lora_cpu, add_lora_gathered,
+                          add_lora_reference)
 from kernels.triton_lora import add_lora_triton
 from tests.kernels.helpers import relative_error
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_cpu_kernels() -> None:
+    """The CPU kernels compile in the background; these tests need them ready."""
+    COMPILED.start()
+    assert COMPILED.done.wait(timeout=600) and COMPILED.get() is not None
+
+
+KERNELS = {"triton": add_lora_triton, "cpu": add_lora_cpu, "gathered": add_lora_gathered, "reference": add_lora_reference}
 
 
 def padded_mapping(token_slots: list[int], num_slots: int, device: str) -> PaddedLoraMapping:
@@ -15,26 +27,34 @@ def padded_mapping(token_slots: list[int], num_slots: int, device: str) -> Padde
     return mapping
 
 
-def check_lora(token_slots: list[int], in_features: int, slice_sizes: list[int], rank: int, num_slots: int,
-               dtype: torch.dtype, device: str, tolerance: float, padded: bool = False) -> None:
-    generator = torch.Generator().manual_seed(len(token_slots) + rank)
-
+def random_weights(num_slots: int, in_features: int, slice_sizes: list[int], rank: int, dtype: torch.dtype,
+                   device: str, generator: torch.Generator) -> LoraWeights:
+    """Slot i has rank max(1, rank - i), zero past it, as the slot pool leaves a smaller adapter."""
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
 
     num_slices, out_features = len(slice_sizes), sum(slice_sizes)
-    weights = LoraWeights(
-        lora_a=rand(num_slots, num_slices * rank, in_features) / in_features**0.5,
-        lora_b=rand(num_slots, out_features, rank),
-        scales=(torch.rand(num_slots, generator=generator) + 0.5).to(device),
-        slice_sizes=slice_sizes,
-    )
-    x = rand(len(token_slots), in_features)
-    base = rand(len(token_slots), out_features)
+    ranks = [max(1, rank - slot) for slot in range(num_slots)]
+    lora_a = rand(num_slots, num_slices, rank, in_features) / in_features**0.5
+    lora_b = rand(num_slots, out_features, rank)
+    for slot, slot_rank in enumerate(ranks):
+        lora_a[slot, :, slot_rank:] = 0
+        lora_b[slot, :, slot_rank:] = 0
+    return LoraWeights(lora_a.reshape(num_slots, num_slices * rank, in_features), lora_b,
+                       (torch.rand(num_slots, generator=generator) + 0.5).to(device), slice_sizes, ranks)
+
+
+def check_lora(token_slots: list[int], in_features: int, slice_sizes: list[int], rank: int, num_slots: int,
+               dtype: torch.dtype, device: str, tolerance: float, padded: bool = False, kernel: str = "triton"
+               ) -> None:
+    generator = torch.Generator().manual_seed(len(token_slots) + rank)
+    weights = random_weights(num_slots, in_features, slice_sizes, rank, dtype, device, generator)
+    x = torch.randn(len(token_slots), in_features, generator=generator).to(dtype=dtype, device=device)
+    base = torch.randn(len(token_slots), sum(slice_sizes), generator=generator).to(dtype=dtype, device=device)
     output = base.clone()
     mapping = (padded_mapping(token_slots, num_slots, device) if padded
                else LoraMapping.from_token_slots(token_slots, torch.device(device)))
-    add_lora_triton(output, x, weights, mapping)
+    KERNELS[kernel](output, x, weights, mapping)
 
     expected = base.cpu().double()
     lora_a, lora_b = weights.lora_a.cpu().double(), weights.lora_b.cpu().double()
@@ -54,17 +74,24 @@ def check_lora(token_slots: list[int], in_features: int, slice_sizes: list[int],
     assert torch.equal(output.cpu()[no_adapter], base.cpu()[no_adapter])
 
 
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("slice_sizes, rank", [
     ([48, 16, 16], 8),  # fused q/k/v, rank padded inside the kernel
     ([70], 4),  # one slice, out_features not a multiple of the tile
 ])
-def test_mixed_adapters(slice_sizes: list[int], rank: int) -> None:
+def test_mixed_adapters(slice_sizes: list[int], rank: int, kernel: str) -> None:
     token_slots = [2, -1, 0, 2, 2, 1, -1, 0] + [2] * 13 + [-1, 1]
-    check_lora(token_slots, 100, slice_sizes, rank, 3, torch.float32, "cpu", 1e-5)
+    check_lora(token_slots, 100, slice_sizes, rank, 3, torch.float32, "cpu", 1e-5, kernel=kernel)
 
 
-def test_single_group_over_one_row_tile() -> None:
-    check_lora([1] * 19 + [-1], 24, [16, 16], 16, 2, torch.float32, "cpu", 1e-5)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_single_group_over_one_row_tile(kernel: str) -> None:
+    check_lora([1] * 19 + [-1], 24, [16, 16], 16, 2, torch.float32, "cpu", 1e-5, kernel=kernel)
+
+
+def test_the_gathered_kernel_in_bfloat16_accumulates_in_float32() -> None:
+    token_slots = [3, 0, -1, 1, 3, 2] * 5
+    check_lora(token_slots, 64, [32, 16, 16], 8, 4, torch.bfloat16, "cpu", 1e-2, kernel="gathered")
 
 
 @pytest.mark.parametrize("token_slots", [[3, -1, 0, 3, 0, -1, 3], [-1, -1, -1]], ids=["some slots", "no adapter"])
