@@ -156,34 +156,34 @@ class AdapterRegistry:
         return None
 
     def make_resident(self, ref: AdapterRef) -> bool:
-        """Put the version in a slot: reading disk if its CPU copy was evicted since `ensure_loaded`, then taking
-        a free slot, else the least recently used one no running request holds (preferring one no queued request
-        wants). False while every slot is held. Blocks: the loader thread calls it; the copy into the slot happens
-        outside the lock, into a slot nobody can reach until it is filled."""
+        """Put the version in a slot and as many pages as its rank: reading disk if its CPU copy was evicted since
+        `ensure_loaded`, then taking free ones, else evicting the least recently used adapters no running request
+        holds (first those no queued request wants). False while held adapters leave too little room. Blocks: the
+        loader thread calls it; the copy happens outside the lock, into pages nobody can reach until filled."""
         with self._placing:
             return self._make_resident(ref)
 
     def _make_resident(self, ref: AdapterRef) -> bool:
         with self._lock:
-            self._version(ref)
+            rank = self._version(ref).info.rank
             if self._tiers.slot(ref) is not None:
                 return True
-            if not self._tiers.can_place():
+            if not self._tiers.can_place(rank):
                 return False
         adapter = self._load(ref)
         with self._lock:
             self._version(ref)
             if self._tiers.slot(ref) is not None:
                 return True
-            slot = self._tiers.reserve_slot()
-        if slot is None:
+            placement = self._tiers.reserve(rank)
+        if placement is None:
             return False
-        seconds = self._tiers.fill(slot, adapter)
+        seconds = self._tiers.fill(*placement, adapter)
         with self._lock:
             if ref not in self._versions:  # freed while it was copied
-                self._tiers.free(slot)
+                self._tiers.free(*placement)
                 raise AdapterNotFoundError(f"adapter {ref.name!r} version {ref.version} was removed")
-            self._tiers.occupy(ref, slot, seconds)
+            self._tiers.occupy(ref, *placement, seconds)
         return True
 
     def release(self, ref: AdapterRef) -> None:

@@ -1,4 +1,5 @@
-"""Where loaded adapter weights sit: a CPU cache and the device slots, each evicting least recently used first.
+"""Where loaded adapter weights sit: a CPU cache and the device pool's slots and pages, each evicting least
+recently used first.
 
 Neither tier evicts an adapter that `in_use` says a running request holds. Not locked by itself: the registry
 calls it under its lock.
@@ -38,7 +39,7 @@ class AdapterTiers:
         self._pool, self._max_cpu_loras, self._in_use, self._wanted = pool, max_cpu_loras, in_use, wanted
         self._listener = listener or _Unheard()
         self._cpu: OrderedDict[Hashable, LoraAdapter] = OrderedDict()  # least recently used first
-        self._slots: OrderedDict[Hashable, int] = OrderedDict()  # least recently used first
+        self._slots: OrderedDict[Hashable, tuple[int, list[int]]] = OrderedDict()  # slot and pages, LRU first
         self._free_slots = list(range(pool.num_slots))
 
     def tier(self, key: Hashable) -> str:
@@ -64,47 +65,56 @@ class AdapterTiers:
     def slot(self, key: Hashable) -> int | None:
         if key in self._slots:
             self._slots.move_to_end(key)
-        return self._slots.get(key)
+        return self._slots[key][0] if key in self._slots else None
 
-    def can_place(self) -> bool:
-        return bool(self._free_slots) or self._evictable_slot_owner() is not None
+    def can_place(self, rank: int) -> bool:
+        """Whether a slot and `rank` pages are free, or can be freed from adapters no running request holds."""
+        return self._evictions_for(rank) is not None
 
-    def reserve_slot(self) -> int | None:
-        """A free slot, else the least recently used one that no running request holds (preferring one no queued
-        request wants), taken from its adapter; None if every slot is held. Fill it with `fill`, outside the
-        caller's lock, then `occupy` or `free` it."""
-        if self._free_slots:
-            return self._free_slots.pop()
-        victim = self._evictable_slot_owner()
-        if victim is None:
+    def reserve(self, rank: int) -> tuple[int, list[int]] | None:
+        """A free slot and `rank` free pages, evicting least recently used adapters no running request holds (first
+        those no queued request wants) until there are; None, evicting nothing, if held adapters leave too little
+        room. Fill them with `fill`, outside the caller's lock, then `occupy` or `free` them."""
+        victims = self._evictions_for(rank)
+        if victims is None:
             return None
-        self._listener.adapter_evicted("gpu")
-        return self._slots.pop(victim)
+        for victim in victims:
+            self.free(*self._slots.pop(victim))
+            self._listener.adapter_evicted("gpu")
+        return self._free_slots.pop(), self._pool.take_pages(rank)
 
-    def fill(self, slot: int, adapter: LoraAdapter) -> float:
-        """Copy the adapter into a reserved slot; returns the seconds it took."""
+    def fill(self, slot: int, pages: list[int], adapter: LoraAdapter) -> float:
+        """Copy the adapter into a reserved slot and pages; returns the seconds it took."""
         start = time.perf_counter()
-        self._pool.write(slot, adapter)
+        self._pool.write(slot, pages, adapter)
         return time.perf_counter() - start
 
-    def occupy(self, key: Hashable, slot: int, seconds: float) -> None:
-        self._slots[key] = slot
+    def occupy(self, key: Hashable, slot: int, pages: list[int], seconds: float) -> None:
+        self._slots[key] = (slot, pages)
         self._listener.adapter_loaded("gpu", seconds)
 
-    def free(self, slot: int) -> None:
+    def free(self, slot: int, pages: list[int]) -> None:
         self._pool.clear(slot)
+        self._pool.return_pages(pages)
         self._free_slots.append(slot)
 
     def drop(self, key: Hashable) -> None:
-        """Forget the adapter in both tiers, zeroing its slot: a removed adapter leaves no weights behind."""
+        """Forget the adapter in both tiers, freeing its slot and pages."""
         self._cpu.pop(key, None)
-        slot = self._slots.pop(key, None)
-        if slot is not None:
-            self.free(slot)
+        if key in self._slots:
+            self.free(*self._slots.pop(key))
 
     def slots_in_use(self) -> int:
         return len(self._slots)
 
-    def _evictable_slot_owner(self) -> Hashable | None:
+    def _evictions_for(self, rank: int) -> list[Hashable] | None:
+        """The adapters to evict, in order, to free a slot and `rank` pages; None if it cannot be done."""
         unheld = [key for key in self._slots if not self._in_use(key)]
-        return next((key for key in unheld if not self._wanted(key)), unheld[0] if unheld else None)
+        candidates = [key for key in unheld if not self._wanted(key)] + [key for key in unheld if self._wanted(key)]
+        victims, slots, pages = [], len(self._free_slots), self._pool.num_free_pages
+        for key in candidates:
+            if slots and pages >= rank:
+                break
+            victims.append(key)
+            slots, pages = slots + 1, pages + len(self._slots[key][1])
+        return victims if slots and pages >= rank else None

@@ -132,12 +132,14 @@ def bench_lora(name: str, in_features: int, slice_sizes: list[int], tokens: int,
     out_features = sum(slice_sizes)
     x = torch.randn(tokens, in_features, dtype=DTYPE, device="cuda")
     base = torch.randn(out_features, in_features, dtype=DTYPE, device="cuda") * in_features ** -0.5
-    # Scaled so the delta is as large as the base output: its rounding error is then visible on its own.
-    weights = LoraWeights(
-        lora_a=torch.randn(adapters, len(slice_sizes) * rank, in_features, dtype=DTYPE, device="cuda")
-        * in_features ** -0.5,
-        lora_b=torch.randn(adapters, out_features, rank, dtype=DTYPE, device="cuda") * rank ** -0.5,
-        scales=torch.rand(adapters, device="cuda") + 0.5, slice_sizes=slice_sizes)
+    # Scaled so the delta is as large as the base output: its rounding error is then visible on its own. Adapter
+    # i's rank components sit in pages 1 + i * rank onward; page 0 is the pool's zero page.
+    pages = adapters * rank + 1
+    lora_a = torch.randn(pages, len(slice_sizes), in_features, dtype=DTYPE, device="cuda") * in_features ** -0.5
+    lora_b = torch.randn(pages, out_features, dtype=DTYPE, device="cuda") * rank ** -0.5
+    lora_a[0], lora_b[0] = 0, 0
+    slot_pages = torch.arange(1, pages, device="cuda").view(adapters, rank)
+    weights = LoraWeights(lora_a, lora_b, slot_pages, slice_sizes, [rank] * adapters)
     mapping = LoraMapping.from_token_slots(torch.randint(0, adapters, (tokens,)).tolist(), torch.device("cuda"))
     base_output = F.linear(x, base)
     output, expected = base_output.clone(), torch.zeros(tokens, out_features, device="cuda")
@@ -151,7 +153,8 @@ def bench_lora(name: str, in_features: int, slice_sizes: list[int], tokens: int,
 
 
 def _float_weights(weights: LoraWeights) -> LoraWeights:
-    return LoraWeights(weights.lora_a.float(), weights.lora_b.float(), weights.scales, weights.slice_sizes)
+    return LoraWeights(weights.lora_a.float(), weights.lora_b.float(), weights.slot_pages, weights.slice_sizes,
+                       weights.ranks)
 
 
 def smollm2_config() -> ModelConfig:

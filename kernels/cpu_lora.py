@@ -1,10 +1,10 @@
-"""LoRA on the CPU in a fixed number of operations per projection, however many adapters a step uses.
+"""LoRA on the CPU in a bounded number of operations per projection, however many adapters a step uses.
 
-Tokens of small groups (decodes: a token or a few per adapter) are gathered: shrink h = x A[slot]^T and expand
-y = h B[slot]^T are written as broadcasts over each token's own slot, which torch.compile (Inductor) turns into
-loop nests that read every weight where it lies: one call per projection, no Python loop over slots, and only the
-first `rank` rows of each slice (the largest rank among the step's adapters), not the padding. A large group (a prefill chunk) is
-better served by plain matrix products, one group at a time; a step has few of those.
+Tokens of small groups (decodes: a token or a few per adapter, at small rank) are gathered: shrink h = x A^T and
+expand y = h B^T are written as broadcasts over each token's own pages, which torch.compile (Inductor) turns into
+loop nests that read every weight where it lies: one call per projection and rank bucket, no Python loop over slots, and no more
+pages per token than the largest rank in its bucket. A large group (a prefill chunk, or a few tokens at a large
+rank) is better served by plain matrix products, one group at a time.
 """
 import logging
 import threading
@@ -14,35 +14,26 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-GROUP_MATMUL_ROWS = 16  # a group of at least this many tokens is multiplied as a matrix, not gathered
+# A group with at least this many tokens times rank is multiplied as a matrix (a fixed ~200 us, then near the
+# machine's peak), not gathered (~100 us a call, then a few GFLOP/s): 4 tokens at rank 64, 32 at rank 8.
+GROUP_MATMUL_WORK = 256
+RANK_BUCKETS = (16, 32, 64)  # gathered groups are split by rank, so few tokens run at a rank far above their own
 RECOMPILE_LIMIT = 64
 
 
-def shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor, num_slices: int, max_rank: int,
-           rank: int) -> torch.Tensor:
-    """x [n, in], lora_a [num_slots, slices * max_rank, in], slots [n] -> [n, slices, rank] in float32."""
-    weights = lora_a[slots]  # fused into the reduction by the compiler, never stored
-    return torch.stack([(x[:, None, :].float() * weights[:, index * max_rank:index * max_rank + rank].float()).sum(-1)
-                        for index in range(num_slices)], 1)
-
-
-def expand(shrunk: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor, slice_bounds: list[tuple[int, int]],
-           rank: int, scales: torch.Tensor) -> torch.Tensor:
-    """shrunk [n, slices, rank], lora_b [num_slots, out, max_rank], slice_bounds: each slice's output columns
-    -> the scaled delta [n, out] in float32."""
-    weights = lora_b[slots]
-    deltas = [(shrunk[:, index, None, :] * weights[:, start:end, :rank].float()).sum(-1)
-              for index, (start, end) in enumerate(slice_bounds)]
-    return torch.cat(deltas, 1) * scales[slots][:, None]
-
-
 def add_gathered(output: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
-                 lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor, slice_bounds: list[tuple[int, int]],
-                 max_rank: int, rank: int) -> None:
-    """output[rows] += the deltas of tokens x[rows], token i using slot slots[i]: one compiled call per
-    projection (each call costs about 100 microseconds beyond its arithmetic, so shrink and expand share one)."""
-    shrunk = shrink(x[rows], lora_a, slots, len(slice_bounds), max_rank, rank)
-    output.index_add_(0, rows, expand(shrunk, lora_b, slots, slice_bounds, rank, scales).to(output.dtype))
+                 lora_a: torch.Tensor, lora_b: torch.Tensor, slot_pages: torch.Tensor,
+                 slice_bounds: list[tuple[int, int]], rank: int) -> None:
+    """output[rows] += the deltas of tokens x[rows], token i using slot slots[i]: each token's first `rank` pages
+    (the zero page past its own rank), gathered inside the loops rather than copied. lora_a [pages, slices, in],
+    lora_b [pages, out]; accumulates in float32. One call per projection: each costs about 100 microseconds
+    beyond its arithmetic, so shrink and expand share one."""
+    pages = slot_pages[slots, :rank]  # [n, rank]
+    shrunk = (x[rows][:, None, None, :].float() * lora_a[pages].float()).sum(-1)  # [n, rank, slices]
+    weights = lora_b[pages].float()  # [n, rank, out]
+    deltas = [(shrunk[:, :, index, None] * weights[:, :, start:end]).sum(1)
+              for index, (start, end) in enumerate(slice_bounds)]
+    output.index_add_(0, rows, torch.cat(deltas, 1).to(output.dtype))
 
 
 def allow_specializations() -> None:

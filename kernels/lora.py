@@ -1,36 +1,38 @@
-"""LoRA for a batch where every token may use a different adapter: y += s_i * (x A_i^T) B_i^T.
+"""LoRA for a batch where every token may use a different adapter: y += (x A_i^T) (s_i B_i)^T.
 
-Adapters live in preallocated slots, stacked and zero-padded to the largest rank, so a fused projection
-(q/k/v, gate/up) keeps one shrink matrix per slot with each slice's rank block side by side. Tokens are grouped
-by slot once per step (`LoraMapping`). `add_lora` dispatches: grouped Triton kernels on CUDA, compiled
-gather-and-reduce kernels on the CPU (`cpu_lora.py`), and the per-slot reference here where neither runs.
+Adapter weights live in pages: a page holds one rank component of one adapter (its A row for each slice of a
+fused projection, and the matching B column, scaled), so adapters of any rank share one pool with no padding, and
+a slot (a resident adapter) is the list of its pages. Tokens are grouped by slot once per step (`LoraMapping`).
+`add_lora` dispatches: grouped Triton kernels on CUDA; on the CPU, matrix products for large groups and one
+compiled gather-and-reduce for the rest (`cpu_lora.py`); the per-slot reference here is what both are tested
+against.
 """
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
-from kernels.cpu_lora import COMPILED, GROUP_MATMUL_ROWS
+from kernels.cpu_lora import COMPILED, GROUP_MATMUL_WORK, RANK_BUCKETS
 
 
 @dataclass
 class LoraWeights:
-    """One projection's adapter slots."""
+    """One projection's adapter pages, and the page table every projection shares."""
 
-    lora_a: torch.Tensor  # [num_slots, num_slices * max_rank, in_features]: slice i's A in rank block i
-    lora_b: torch.Tensor  # [num_slots, out_features, max_rank]: slice i's B in its own output rows
-    scales: torch.Tensor  # [num_slots] float32: alpha / rank (or alpha / sqrt(rank) with rsLoRA)
+    lora_a: torch.Tensor  # [num_pages, num_slices, in_features]: slice i's A row of the page's rank component
+    lora_b: torch.Tensor  # [num_pages, out_features]: slice i's B column in slice i's own columns, times the scale
+    slot_pages: torch.Tensor  # [num_slots, max_rank] int64: rank component j of a slot is page slot_pages[slot, j]
     slice_sizes: list[int]  # output columns of each slice, in order (q, k, v), (gate, up) or one
-    ranks: list[int] = field(default_factory=list)  # each slot's rank here (0 if empty); [] means all max_rank
+    ranks: list[int]  # each slot's rank in this projection: 0 if empty or not adapted here
 
     @property
     def max_rank(self) -> int:
-        return self.lora_b.shape[2]
+        return self.slot_pages.shape[1]
 
     def largest_rank(self, slots: list[int]) -> int:
-        """The largest rank among `slots`: kernels that read only that many rows of each slice skip padding."""
-        return max(self.ranks[slot] for slot in slots) if self.ranks else self.max_rank
+        """The largest rank among `slots`: kernels read no more pages than this per token."""
+        return max(self.ranks[slot] for slot in slots)
 
     @cached_property
     def slice_bounds(self) -> list[tuple[int, int]]:
@@ -93,30 +95,34 @@ class LoraMapping:
 
 @dataclass
 class PaddedLoraMapping:
-    """The kernels' packed mapping at fixed shapes, for CUDA graphs: a group for every slot (empty ones too) and
-    room for `capacity` tokens. A graph captured over it reads whatever `fill` last wrote into its tensors."""
+    """The kernels' packed mapping at fixed shapes, for CUDA graphs: room for `capacity` tokens and as many groups
+    (empty ones at the end). A graph captured over it reads whatever `fill` last wrote into its tensors."""
 
     sorted_rows: torch.Tensor  # [capacity] int64: token rows sorted by slot; only the first group_starts[-1] count
-    group_starts: torch.Tensor  # [num_slots + 1] int32
-    group_slots: torch.Tensor  # [num_slots] int32: group i is slot i
+    group_starts: torch.Tensor  # [capacity + 1] int32
+    group_slots: torch.Tensor  # [capacity] int32
     empty = False  # not a field: a graph runs the LoRA kernels whether or not a step uses adapters
 
     @classmethod
-    def allocate(cls, num_slots: int, capacity: int, device: torch.device) -> "PaddedLoraMapping":
+    def allocate(cls, capacity: int, device: torch.device) -> "PaddedLoraMapping":
         return cls(torch.zeros(capacity, dtype=torch.int64, device=device),
-                   torch.zeros(num_slots + 1, dtype=torch.int32, device=device),
-                   torch.arange(num_slots, dtype=torch.int32, device=device))
+                   torch.zeros(capacity + 1, dtype=torch.int32, device=device),
+                   torch.zeros(capacity, dtype=torch.int32, device=device))
 
     def prefix(self, capacity: int) -> "PaddedLoraMapping":
-        """The same tensors seen with room for fewer tokens (a smaller graph's view)."""
-        return PaddedLoraMapping(self.sorted_rows[:capacity], self.group_starts, self.group_slots)
+        """The same tensors seen with room for fewer tokens and groups (a smaller graph's view)."""
+        return PaddedLoraMapping(self.sorted_rows[:capacity], self.group_starts[:capacity + 1],
+                                 self.group_slots[:capacity])
 
     def fill(self, token_slots: list[int]) -> None:
-        """Point the groups at the tokens of a new step (one slot per token, -1 for none)."""
+        """Point the groups at the tokens of a new step (one slot per token, -1 for none); the groups past the
+        step's distinct slots are left empty."""
         rows = sorted((slot, row) for row, slot in enumerate(token_slots) if slot >= 0)
-        counts = torch.bincount(torch.tensor([slot for slot, _ in rows], dtype=torch.int64),
-                                minlength=self.num_groups)
-        self.group_starts.copy_(torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+        slots = sorted({slot for slot, _ in rows})
+        counts = [sum(1 for slot, _ in rows if slot == group_slot) for group_slot in slots]
+        starts = torch.tensor([0] + counts).cumsum(0)
+        self.group_starts.copy_(torch.cat([starts, starts[-1:].expand(self.num_groups - len(slots))]))
+        self.group_slots[:len(slots)].copy_(torch.tensor(slots, dtype=torch.int32))
         if rows:
             self.sorted_rows[:len(rows)].copy_(torch.tensor([row for _, row in rows]))
 
@@ -155,21 +161,30 @@ def prepare_cpu_lora(projections: list[LoraWeights]) -> None:
                 x = torch.zeros(num_tokens, weights.lora_a.shape[2], dtype=weights.lora_a.dtype)
                 output = torch.zeros(num_tokens, weights.lora_b.shape[1], dtype=weights.lora_b.dtype)
                 for rank in (weights.max_rank, 2):
-                    add_gathered(output, x, rows, rows * 0, weights.lora_a, weights.lora_b, weights.scales,
-                                 weights.slice_bounds, weights.max_rank, rank)
+                    add_gathered(output, x, rows, rows * 0, weights.lora_a, weights.lora_b, weights.slot_pages,
+                                 weights.slice_bounds, rank)
     COMPILED.start(warm_up)
 
 
 def add_lora_cpu(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
-    """Small groups gathered together in one compiled kernel, when there are several; large ones (prefill
-    chunks), or all of them when nothing could be compiled, by matrix products."""
-    small = [group for group in mapping.groups if group[1].shape[0] < GROUP_MATMUL_ROWS]
-    if len(small) < 2 or COMPILED.get() is None:  # one group's matrix products beat a gathered call
-        small = []
-    add_groups(output, x, weights, [group for group in mapping.groups
-                                    if len(small) == 0 or group[1].shape[0] >= GROUP_MATMUL_ROWS])
-    if small:
-        add_lora_gathered(output, x, weights, LoraMapping(small))
+    """Small groups gathered in one compiled call per rank bucket, when a bucket has several; large ones (prefill
+    chunks, or a few tokens at a large rank), or all of them when nothing could be compiled, by matrix products."""
+    buckets: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    large = []
+    gather = COMPILED.get() is not None
+    for slot, rows in mapping.groups:
+        rank = weights.ranks[slot]
+        if gather and rows.shape[0] * rank < GROUP_MATMUL_WORK:
+            bucket = next((limit for limit in RANK_BUCKETS if rank <= limit), weights.max_rank)
+            buckets.setdefault(bucket, []).append((slot, rows))
+        else:
+            large.append((slot, rows))
+    for groups in buckets.values():
+        if len(groups) == 1:  # one group's matrix products beat a gathered call
+            large += groups
+        else:
+            add_lora_gathered(output, x, weights, LoraMapping(groups))
+    add_groups(output, x, weights, large)
 
 
 def add_lora_gathered(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
@@ -179,8 +194,8 @@ def add_lora_gathered(output: torch.Tensor, x: torch.Tensor, weights: LoraWeight
         return  # none of these adapters adapts this projection
     rows, slots = mapping.tokens
     with torch.inference_mode():
-        COMPILED.get()(output, x, rows, slots, weights.lora_a, weights.lora_b, weights.scales, weights.slice_bounds,
-                       weights.max_rank, rank)
+        COMPILED.get()(output, x, rows, slots, weights.lora_a, weights.lora_b, weights.slot_pages,
+                       weights.slice_bounds, rank)
 
 
 def add_lora_reference(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
@@ -190,15 +205,14 @@ def add_lora_reference(output: torch.Tensor, x: torch.Tensor, weights: LoraWeigh
 
 def add_groups(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights,
                groups: list[tuple[int, torch.Tensor]]) -> None:
-    """Per group: gather its tokens, shrink, expand each slice (only the slot's own rank), scatter-add back."""
-    max_rank = weights.max_rank
+    """Per group: gather its tokens and its pages, shrink per slice, expand into the slice's columns."""
     for slot, rows in groups:
-        rank = weights.largest_rank([slot])
+        rank = weights.ranks[slot]
         if rank == 0:
             continue
+        pages = weights.slot_pages[slot, :rank]
+        lora_a, lora_b = weights.lora_a[pages], weights.lora_b[pages]  # [rank, slices, in], [rank, out]
         inputs = x.index_select(0, rows)
-        delta = torch.cat([
-            (inputs @ weights.lora_a[slot, index * max_rank:index * max_rank + rank].T) @ lora_b[:, :rank].T
-            for index, lora_b in enumerate(weights.lora_b[slot].split(weights.slice_sizes, dim=0))
-        ], dim=1)
-        output.index_add_(0, rows, delta * weights.scales[slot])
+        delta = torch.cat([(inputs @ lora_a[:, index].T) @ lora_b[:, start:end]
+                           for index, (start, end) in enumerate(weights.slice_bounds)], dim=1)
+        output.index_add_(0, rows, delta)

@@ -39,9 +39,12 @@ HELP = {
                             "first for at most this many steps; then nobody passes it until it runs",
     "seed": "seeds the sampling of requests that bring no seed of their own",
     "adapter_dir": "directory where uploaded LoRA adapters persist across restarts (default: a temporary one)",
-    "max_loras": "adapter slots in device memory: the most distinct adapters in one step",
+    "max_loras": "adapters resident at once (each takes as many pages of --adapter-memory as its rank); others "
+                 "are loaded as requests need them",
+    "adapter_memory": "memory for resident adapters' weights: bytes, or a size such as 4GiB (one page per rank "
+                      "component; --max-loras bounds the count too)",
     "max_cpu_loras": "adapters kept loaded in CPU memory, least recently used evicted first",
-    "max_lora_rank": "largest LoRA rank accepted; slots are padded to it",
+    "max_lora_rank": "largest LoRA rank accepted",
     "max_adapter_bytes": "largest adapter upload accepted: bytes, or a size such as 256MiB",
     "max_request_bytes": "largest request body accepted (adapter uploads have their own limit); larger ones get "
                          "413 before they are read",
@@ -71,7 +74,7 @@ def parse_size(text: str) -> int:
 
 
 PARSERS: dict[str, Callable[[str], object]] = {"kv_cache_memory": parse_size, "max_adapter_bytes": parse_size,
-                                               "max_request_bytes": parse_size}
+                                               "max_request_bytes": parse_size, "adapter_memory": parse_size}
 
 
 def flag_type(field: dataclasses.Field) -> Callable[[str], object]:

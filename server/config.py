@@ -24,7 +24,8 @@ class ServerConfig:
     max_overtaking_steps: int = 64  # steps others may pass a request waiting for its adapter to load
     seed: int = 0  # seeds sampling of requests that bring no seed
     adapter_dir: str | None = None  # where uploaded adapters persist; None: a temporary directory
-    max_loras: int = 8  # adapter slots in device memory: distinct adapters in one step
+    max_loras: int = 1024  # adapters resident at once, in pages of adapter_memory
+    adapter_memory: int = 4 << 30  # bytes of device memory for resident adapters' weights
     max_cpu_loras: int = 32  # adapters kept loaded in CPU memory (LRU)
     max_lora_rank: int = 64
     max_adapter_bytes: int = 512 << 20  # largest accepted upload

@@ -4,8 +4,9 @@ waits on the CPU; replaying the step as one captured graph removes that wait.
 Graphs are captured once, at start-up, for a set of batch sizes, each over fixed input buffers. A decode-only
 step of n sequences copies its inputs into the buffers of the smallest captured size >= n (padding rows write no
 KV and their outputs are dropped) and replays. Attention is captured for the longest context, since its launch
-grid depends only on that; LoRA over a padded mapping where every slot is a group, so any mix of adapters
-replays the same graph. Each size has a graph without LoRA too, for steps where no request has an adapter.
+grid depends only on that; LoRA over a padded mapping with a group per row (the step's slots first, empty groups
+after) reading pages up to the largest rank, so any mix of adapters replays the same graph. Each size has a graph
+without LoRA too, for steps where no request has an adapter.
 """
 from dataclasses import dataclass
 
@@ -42,8 +43,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(capacity, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(capacity + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(capacity, dtype=torch.int32, device=device)
-        num_slots = next(iter(lora_weights[0].values())).lora_a.shape[0] if lora_weights else 0
-        self.lora = PaddedLoraMapping.allocate(num_slots, capacity, device) if num_slots else None
+        self.lora = PaddedLoraMapping.allocate(capacity, device) if lora_weights else None
         self.steps: dict[tuple[int, bool], CapturedStep] = {}
         self.num_replays = 0
 

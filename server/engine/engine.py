@@ -18,7 +18,8 @@ from server.engine.sampler import Sampled, sample
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.engine.sequence import Sequence, SequenceStatus
-from server.engine.setup import adapter_base_shape, adapter_directory, kv_cache_blocks, make_proposer
+from server.engine.setup import (adapter_base_shape, adapter_directory, adapter_pages, kv_cache_blocks,
+                                 make_proposer)
 from server.engine.stop_checker import StopChecker
 from server.metrics import Metrics
 from server.model.loader import LoadedModel
@@ -45,7 +46,8 @@ class LLMEngine:
                     config.block_size, num_blocks * block_bytes / 2**20, " with the draft's" if draft else "",
                     self.max_model_len)
         base = adapter_base_shape(loaded.config)
-        slots = SlotPool(base, config.max_loras, config.max_lora_rank, parameter.device, parameter.dtype)
+        slots = SlotPool(base, config.max_loras, adapter_pages(config, base, parameter.dtype), config.max_lora_rank,
+                         parameter.device, parameter.dtype)
         directory, self.adapter_scratch = adapter_directory(config)
         self.adapters = AdapterRegistry(directory, base, slots, config.max_cpu_loras, config.max_lora_rank,
                                         listener=self.metrics, max_bytes=config.max_adapter_bytes)

@@ -3,8 +3,11 @@ must fit and where they live."""
 import logging
 from pathlib import Path
 
+import torch
+
 from adapters.format import BaseModelShape
 from adapters.scratch import ScratchAdapterDirectory, remove_abandoned
+from adapters.slot_pool import page_bytes
 from server.config import ServerConfig
 from server.engine.draft_proposer import DraftModelProposer
 from server.engine.model_runner import kv_block_bytes
@@ -45,6 +48,19 @@ def adapter_base_shape(config: ModelConfig) -> BaseModelShape:
     """What every adapter must fit: the projections' shapes and the layer count."""
     return BaseModelShape.for_llama(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
                                     config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+
+
+def adapter_pages(config: ServerConfig, base: BaseModelShape, dtype: torch.dtype) -> int:
+    """Pages of the resident adapters' pool: what --adapter-memory holds, and no more than --max-loras adapters of
+    the largest rank could use."""
+    size = page_bytes(base, dtype)
+    num_pages = min(config.adapter_memory // size, config.max_loras * config.max_lora_rank)
+    if num_pages < config.max_lora_rank:
+        raise ValueError(f"--adapter-memory holds {num_pages} pages of {size} bytes; one adapter of rank "
+                         f"{config.max_lora_rank} (--max-lora-rank) needs {config.max_lora_rank}")
+    logger.info("adapter pool: %d pages of %.1f KiB (%.1f MiB): %d adapters of rank 16 resident at once", num_pages,
+                size / 1024, num_pages * size / 2**20, min(config.max_loras, num_pages // 16))
+    return num_pages
 
 
 def adapter_directory(config: ServerConfig) -> tuple[Path, ScratchAdapterDirectory | None]:

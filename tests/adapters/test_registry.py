@@ -32,16 +32,17 @@ class EventLog:
 @pytest.fixture
 def make_registry(tmp_path: Path) -> MakeRegistry:
     """A registry over tmp_path/adapters, and its slot pool to look into."""
-    def make(num_slots: int = 2, max_cpu_loras: int = 4,
-             listener: EventLog | None = None) -> tuple[AdapterRegistry, SlotPool]:
-        pool = SlotPool(BASE, num_slots, MAX_RANK, torch.device("cpu"), torch.float32)
+    def make(num_slots: int = 2, max_cpu_loras: int = 4, listener: EventLog | None = None,
+             num_pages: int | None = None) -> tuple[AdapterRegistry, SlotPool]:
+        pool = SlotPool(BASE, num_slots, num_pages or num_slots * MAX_RANK, MAX_RANK, torch.device("cpu"),
+                        torch.float32)
         return AdapterRegistry(tmp_path / "adapters", BASE, pool, max_cpu_loras, MAX_RANK, listener), pool
     return make
 
 
 def slot_q_a(pool: SlotPool, slot: int) -> torch.Tensor:
-    """Layer 0's q_proj A as written in the slot (rank 4 rows)."""
-    return pool.layer_weights[0]["qkv_proj"].lora_a[slot, :4]
+    """Layer 0's q_proj A as written in the slot's pages (rank 4 rows); zero once the slot is freed."""
+    return pool.layer_weights[0]["qkv_proj"].lora_a[pool.slot_pages[slot, :4], 0]
 
 
 def peft_q_a(directory: Path) -> torch.Tensor:
@@ -187,6 +188,26 @@ def test_a_slot_nobody_waits_for_is_reused_before_a_less_recent_one_that_queued_
         registry.unpin(refs[name])
 
 
+def test_pages_bound_what_is_resident_whatever_the_ranks(make_registry: MakeRegistry,
+                                                        make_adapter: MakeAdapter) -> None:
+    """Ten pages, four slots: a rank-8 and a rank-2 adapter fill them; a rank-4 one evicts what it must."""
+    registry, pool = make_registry(num_slots=4, num_pages=10)
+    refs = {}
+    for name, rank in [("large", 8), ("small", 2), ("middle", 4)]:
+        registry.add(name, make_adapter(rank=rank, alpha=rank))
+        refs[name] = registry.resolve(name)
+    acquire(registry, refs["large"]), acquire(registry, refs["small"])
+    assert pool.num_free_pages == 0 and acquire(registry, refs["middle"]) is None  # both held
+    registry.release(refs["small"])
+    assert acquire(registry, refs["middle"]) is None  # two pages free up: not enough
+    registry.release(refs["large"])
+    assert acquire(registry, refs["middle"]) is not None and pool.num_free_pages == 4  # the LRU one sufficed
+    assert [registry.record(name).tier for name in ("large", "small", "middle")] == ["cpu", "gpu", "gpu"]
+    registry.release(refs["middle"])
+    for ref in refs.values():
+        registry.unpin(ref)
+
+
 def test_cpu_cache_is_lru_and_spares_referenced_adapters(make_registry: MakeRegistry,
                                                          make_adapter: MakeAdapter) -> None:
     events = EventLog()
@@ -244,7 +265,8 @@ def test_a_new_registry_finds_the_adapters(make_registry: MakeRegistry,
     registry.add("a", make_adapter(seed=1, rank=2))
     registry.add("b", make_adapter(seed=2))
     source = make_adapter(seed=3)
-    expected = load_adapter(source, BASE, MAX_RANK).weights[(1, "v_proj")][1]
+    loaded = load_adapter(source, BASE, MAX_RANK)
+    expected = loaded.weights[(1, "v_proj")][1].T * loaded.scale  # B columns, scaled, in v's output columns
     registry.add("b", source)
     registry.add("gone", make_adapter(seed=4))
     registry.remove("gone")
@@ -253,7 +275,7 @@ def test_a_new_registry_finds_the_adapters(make_registry: MakeRegistry,
         ("a", 1, 2, "disk"), ("b", 2, 4, "disk")]
     b = restarted.resolve("b")
     slot = acquire(restarted, b)
-    assert torch.equal(pool.layer_weights[1]["qkv_proj"].lora_b[slot, 64 + 32:, :4], expected)
+    assert torch.equal(pool.layer_weights[1]["qkv_proj"].lora_b[pool.slot_pages[slot, :4], 64 + 32:], expected)
     restarted.release(b)
     assert restarted.add("b", make_adapter(seed=5)).version == 3
 

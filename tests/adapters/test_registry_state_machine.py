@@ -26,7 +26,7 @@ class RegistryMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.directory = Path(tempfile.mkdtemp())
-        self.pool = SlotPool(BASE, NUM_SLOTS, MAX_RANK, torch.device("cpu"), torch.float32)
+        self.pool = SlotPool(BASE, NUM_SLOTS, NUM_SLOTS * MAX_RANK, MAX_RANK, torch.device("cpu"), torch.float32)
         self.registry = AdapterRegistry(self.directory, BASE, self.pool, max_cpu_loras=2, max_rank=MAX_RANK)
         self.seed_of: dict[AdapterRef, int] = {}
         self.current: dict[str, int] = {}  # name -> latest version
@@ -93,7 +93,8 @@ class RegistryMachine(RuleBasedStateMachine):
         assert len(set(slots.values())) == len(slots) <= NUM_SLOTS
         for ref, slot in slots.items():
             expected = read_tensors(self.sources[self.seed_of[ref]])[tensor_name(0, "q_proj", "A")]
-            assert torch.equal(self.pool.layer_weights[0]["qkv_proj"].lora_a[slot, :4], expected)
+            pages = self.pool.slot_pages[slot, :4]
+            assert torch.equal(self.pool.layer_weights[0]["qkv_proj"].lora_a[pages, 0], expected)
         assert self.registry.num_references() == len(self.held)
         assert self.registry.num_pins() == len(self.pinned)
         assert self.registry.slots_in_use() <= NUM_SLOTS

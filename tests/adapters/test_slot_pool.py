@@ -1,4 +1,5 @@
-"""Slots written by the pool, run through kernels.lora, against y = s * x A^T B^T computed from PEFT's own files."""
+"""Slots and pages written by the pool, run through the LoRA reference, against y = s * x A^T B^T computed from
+PEFT's own files."""
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -6,8 +7,8 @@ from pathlib import Path
 import torch
 
 from adapters.format import load_adapter
-from adapters.slot_pool import SlotPool
-from kernels.lora import LoraMapping, add_lora
+from adapters.slot_pool import SlotPool, page_bytes
+from kernels.lora import LoraMapping, add_lora_reference
 from tests.adapters.helpers import BASE, read_tensors, tensor_name
 
 # The model's fused projections and their slices, written out here rather than taken from the code under test.
@@ -38,12 +39,22 @@ def reference_delta(tensors: dict[str, torch.Tensor], scale: float, layer: int, 
     return torch.cat(parts, dim=1)
 
 
+def make_pool(num_slots: int, num_pages: int, dtype: torch.dtype = torch.float32) -> SlotPool:
+    return SlotPool(BASE, num_slots=num_slots, num_pages=num_pages, max_rank=MAX_RANK, device=torch.device("cpu"),
+                    dtype=dtype)
+
+
 def test_written_slots_give_each_token_its_adapters_delta(saved_adapter: Callable[..., Path]) -> None:
-    pool = SlotPool(BASE, num_slots=4, max_rank=MAX_RANK, device=torch.device("cpu"), dtype=torch.float32)
+    pool = make_pool(num_slots=4, num_pages=32)
     directories = {slot: saved_adapter(**settings) for slot, (settings, _) in SLOTS.items()}
-    pool.write(0, load_adapter(directories[3], BASE, MAX_RANK))  # overwritten next: must leave no trace
+    overwritten = load_adapter(directories[3], BASE, MAX_RANK)
+    pages = pool.take_pages(overwritten.rank)
+    pool.write(0, pages, overwritten)  # rewritten below: must leave no trace
+    pool.clear(0)
+    pool.return_pages(pages)
     for slot, directory in directories.items():
-        pool.write(slot, load_adapter(directory, BASE, MAX_RANK))
+        adapter = load_adapter(directory, BASE, MAX_RANK)
+        pool.write(slot, pool.take_pages(adapter.rank), adapter)
     mapping = LoraMapping.from_token_slots(TOKEN_SLOTS, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     for layer in range(BASE.num_layers):
@@ -51,7 +62,7 @@ def test_written_slots_give_each_token_its_adapters_delta(saved_adapter: Callabl
             in_features = BASE.module_shapes[targets[0]][0]
             x = torch.randn(len(TOKEN_SLOTS), in_features, generator=generator, dtype=torch.float64)
             output = torch.zeros(len(TOKEN_SLOTS), sum(BASE.module_shapes[target][1] for target in targets))
-            add_lora(output, x.float(), pool.layer_weights[layer][projection], mapping)
+            add_lora_reference(output, x.float(), pool.layer_weights[layer][projection], mapping)
             expected = torch.zeros(output.shape, dtype=torch.float64)
             for row, slot in enumerate(TOKEN_SLOTS):
                 if slot in SLOTS:
@@ -61,22 +72,26 @@ def test_written_slots_give_each_token_its_adapters_delta(saved_adapter: Callabl
             assert output.abs().max() > 0.1  # the comparison is not between zeros
 
 
-def test_clear_zeroes_one_slot_only(saved_adapter: Callable[..., Path]) -> None:
-    pool = SlotPool(BASE, num_slots=2, max_rank=MAX_RANK, device=torch.device("cpu"), dtype=torch.float32)
-    adapter = load_adapter(saved_adapter(targets=tuple(BASE.module_shapes)), BASE, MAX_RANK)
-    pool.write(0, adapter)
-    pool.write(1, adapter)
-    pool.clear(0)
-    for projections in pool.layer_weights:
-        for weights in projections.values():
-            assert not weights.lora_a[0].any() and not weights.lora_b[0].any() and weights.scales[0] == 0
-            assert weights.lora_a[1].any() and weights.lora_b[1].any() and weights.scales[1] == adapter.scale
+def test_adapters_take_pages_by_rank_and_a_cleared_slot_reads_only_zeros(saved_adapter: Callable[..., Path]) -> None:
+    pool = make_pool(num_slots=3, num_pages=12)
+    small = load_adapter(saved_adapter(rank=2, targets=tuple(BASE.module_shapes)), BASE, MAX_RANK)
+    large = load_adapter(saved_adapter(rank=8, targets=tuple(BASE.module_shapes)), BASE, MAX_RANK)
+    pool.write(0, pool.take_pages(2), small)
+    pool.write(1, pool.take_pages(8), large)
+    assert pool.num_free_pages == 2
+    assert pool.slot_pages[0, 2:].eq(0).all() and pool.slot_pages[1].ne(0).all()
+    pool.clear(1)
+    qkv = pool.layer_weights[0]["qkv_proj"]
+    assert qkv.ranks[:2] == [2, 0] and not qkv.lora_a[pool.slot_pages[1]].any()
+    assert qkv.lora_a[pool.slot_pages[0, :2]].any()
 
 
-def test_pool_shapes_follow_the_base_model() -> None:
-    pool = SlotPool(BASE, num_slots=3, max_rank=MAX_RANK, device=torch.device("cpu"), dtype=torch.bfloat16)
+def test_page_bytes_and_shapes_follow_the_base_model() -> None:
+    pool = make_pool(num_slots=3, num_pages=5, dtype=torch.bfloat16)
     qkv = pool.layer_weights[1]["qkv_proj"]
-    assert len(pool.layer_weights) == BASE.num_layers
-    assert qkv.lora_a.shape == (3, 3 * MAX_RANK, 64) and qkv.lora_b.shape == (3, 64 + 32 + 32, MAX_RANK)
+    assert len(pool.layer_weights) == BASE.num_layers and pool.num_free_pages == 5
+    assert qkv.lora_a.shape == (6, 3, 64) and qkv.lora_b.shape == (6, 64 + 32 + 32)
     assert qkv.slice_sizes == [64, 32, 32] and qkv.lora_a.dtype == torch.bfloat16
-    assert pool.layer_weights[0]["down_proj"].lora_a.shape == (3, MAX_RANK, 128)
+    assert pool.layer_weights[0]["down_proj"].lora_a.shape == (6, 1, 128)
+    per_layer = (3 * 64 + 128) + (64 + 64) + (2 * 64 + 256) + (128 + 64)
+    assert page_bytes(BASE, torch.bfloat16) == per_layer * BASE.num_layers * 2

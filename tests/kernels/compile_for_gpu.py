@@ -43,10 +43,11 @@ def main() -> None:
     compile_kernel(_merge_kernel, {"output": data} | dict.fromkeys(["partial_output", "partial_max", "partial_sum"],
                                                                     "*fp32"),
                    dict(HEAD_DIM=64, DIM_PADDED=64, PARTITIONS_PADDED=16))
-    groups = {"sorted_rows": "*i64", "group_starts": "*i32", "group_slots": "*i32", "shrunk": "*fp32"}
+    groups = {"sorted_rows": "*i64", "group_starts": "*i32", "group_slots": "*i32", "shrunk": "*fp32",
+              "slot_pages": "*i64"}
     compile_kernel(_shrink_kernel, groups | {"x": data, "lora_a": data},
-                   dict(BLOCK_ROWS=64, BLOCK_RANK=64, BLOCK_IN=64))
-    compile_kernel(_expand_kernel, groups | {"output": data, "lora_b": data, "scales": "*fp32", "slice_ends": "*i32"},
+                   dict(BLOCK_ROWS=64, RANK_PADDED=64, BLOCK_IN=64))
+    compile_kernel(_expand_kernel, groups | {"output": data, "lora_b": data, "slice_ends": "*i32"},
                    dict(NUM_SLICES=3, BLOCK_ROWS=16, BLOCK_OUT=64, RANK_PADDED=16))
     print("compiled")
 

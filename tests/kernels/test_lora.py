@@ -1,5 +1,5 @@
 """The LoRA kernels (Triton's grouped shrink/expand, the compiled CPU gather-and-reduce, the per-slot reference)
-against a float64 per-token computation, with slots of different ranks padded to the largest."""
+against a float64 per-token computation, with slots of different ranks in pages scattered over the pool."""
 import pytest
 import torch
 
@@ -19,9 +19,9 @@ def compiled_cpu_kernels() -> None:
 KERNELS = {"triton": add_lora_triton, "cpu": add_lora_cpu, "gathered": add_lora_gathered, "reference": add_lora_reference}
 
 
-def padded_mapping(token_slots: list[int], num_slots: int, device: str) -> PaddedLoraMapping:
-    """As a CUDA graph sees it: every slot a group, room for more tokens than there are, refilled in place."""
-    mapping = PaddedLoraMapping.allocate(num_slots, len(token_slots) + 5, torch.device(device))
+def padded_mapping(token_slots: list[int], device: str) -> PaddedLoraMapping:
+    """As a CUDA graph sees it: room for more tokens and groups than there are, refilled in place."""
+    mapping = PaddedLoraMapping.allocate(len(token_slots) + 5, torch.device(device))
     mapping.fill([0] * len(token_slots))  # an earlier step's mapping, overwritten below
     mapping.fill(token_slots)
     return mapping
@@ -29,19 +29,23 @@ def padded_mapping(token_slots: list[int], num_slots: int, device: str) -> Padde
 
 def random_weights(num_slots: int, in_features: int, slice_sizes: list[int], rank: int, dtype: torch.dtype,
                    device: str, generator: torch.Generator) -> LoraWeights:
-    """Slot i has rank max(1, rank - i), zero past it, as the slot pool leaves a smaller adapter."""
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
-
+    """Slot i has rank max(1, rank - i), in pages scattered over the pool (its page-table row points at the zero
+    page past its rank); the pages nobody uses hold NaN, so a kernel that reads one fails."""
     num_slices, out_features = len(slice_sizes), sum(slice_sizes)
     ranks = [max(1, rank - slot) for slot in range(num_slots)]
-    lora_a = rand(num_slots, num_slices, rank, in_features) / in_features**0.5
-    lora_b = rand(num_slots, out_features, rank)
+    num_pages = 2 * sum(ranks) + 1
+    lora_a = torch.full((num_pages, num_slices, in_features), float("nan"))
+    lora_b = torch.full((num_pages, out_features), float("nan"))
+    lora_a[0], lora_b[0] = 0, 0
+    slot_pages = torch.zeros(num_slots, rank, dtype=torch.int64)
+    order = torch.randperm(num_pages - 1, generator=generator) + 1
     for slot, slot_rank in enumerate(ranks):
-        lora_a[slot, :, slot_rank:] = 0
-        lora_b[slot, :, slot_rank:] = 0
-    return LoraWeights(lora_a.reshape(num_slots, num_slices * rank, in_features), lora_b,
-                       (torch.rand(num_slots, generator=generator) + 0.5).to(device), slice_sizes, ranks)
+        pages, order = order[:slot_rank], order[slot_rank:]
+        slot_pages[slot, :slot_rank] = pages
+        lora_a[pages] = torch.randn(slot_rank, num_slices, in_features, generator=generator) / in_features**0.5
+        lora_b[pages] = torch.randn(slot_rank, out_features, generator=generator)
+    return LoraWeights(lora_a.to(device=device, dtype=dtype), lora_b.to(device=device, dtype=dtype),
+                       slot_pages.to(device), slice_sizes, ranks)
 
 
 def check_lora(token_slots: list[int], in_features: int, slice_sizes: list[int], rank: int, num_slots: int,
@@ -52,22 +56,19 @@ def check_lora(token_slots: list[int], in_features: int, slice_sizes: list[int],
     x = torch.randn(len(token_slots), in_features, generator=generator).to(dtype=dtype, device=device)
     base = torch.randn(len(token_slots), sum(slice_sizes), generator=generator).to(dtype=dtype, device=device)
     output = base.clone()
-    mapping = (padded_mapping(token_slots, num_slots, device) if padded
+    mapping = (padded_mapping(token_slots, device) if padded
                else LoraMapping.from_token_slots(token_slots, torch.device(device)))
     KERNELS[kernel](output, x, weights, mapping)
 
     expected = base.cpu().double()
-    lora_a, lora_b = weights.lora_a.cpu().double(), weights.lora_b.cpu().double()
     for token, slot in enumerate(token_slots):
         if slot < 0:
             continue
-        shrunk = lora_a[slot] @ x[token].cpu().double()
-        column = 0
-        for index, size in enumerate(slice_sizes):
-            rank_block = shrunk[index * rank:(index + 1) * rank]
-            expected[token, column:column + size] += weights.scales[slot].item() * (
-                lora_b[slot, column:column + size] @ rank_block)
-            column += size
+        pages = weights.slot_pages[slot, :weights.ranks[slot]].cpu()
+        lora_a, lora_b = weights.lora_a.cpu().double()[pages], weights.lora_b.cpu().double()[pages]
+        for index, (start, end) in enumerate(weights.slice_bounds):
+            shrunk = lora_a[:, index] @ x[token].cpu().double()  # [rank]
+            expected[token, start:end] += shrunk @ lora_b[:, start:end]
     assert relative_error(output.cpu(), expected) < tolerance
     # Tokens without an adapter are left exactly as they were.
     no_adapter = torch.tensor([slot < 0 for slot in token_slots])
