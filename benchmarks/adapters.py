@@ -26,9 +26,9 @@ import httpx
 import torch
 from safetensors.torch import save_file
 
-from adapters.format import TARGETS, BaseModelShape
+from loraserve.adapters.format import TARGETS, BaseModelShape
 from benchmarks.serve_throughput import free_port, make_prompts, start_server
-from server.api.auth import admin_key_from_environment
+from loraserve.api.auth import admin_key_from_environment
 
 RANKS = (8, 16, 32, 64)
 TARGET_SETS = (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), tuple(TARGETS))

@@ -3,8 +3,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from server.engine.async_engine import resolve_device, resolve_dtype
-from server.model.loader import LoadedModel, load_model
+from loraserve.engine.async_engine import resolve_device, resolve_dtype
+from loraserve.model.loader import LoadedModel, load_model
 
 
 def add_device_and_out(parser: argparse.ArgumentParser) -> None:

@@ -20,11 +20,11 @@ import triton
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.attention import AttentionMetadata, paged_attention
-from kernels.lora import LoraMapping, LoraWeights, add_lora, add_lora_reference
-from server.engine.cuda_graphs import DecodeGraphs
-from server.model.config import ModelConfig
-from server.model.llama import LlamaModel
+from loraserve.kernels.attention import AttentionMetadata, paged_attention
+from loraserve.kernels.lora import LoraMapping, LoraWeights, add_lora, add_lora_reference
+from loraserve.engine.cuda_graphs import DecodeGraphs
+from loraserve.model.config import ModelConfig
+from loraserve.model.llama import LlamaModel
 
 DTYPE = torch.bfloat16
 BLOCK_SIZE = 16  # the server's default KV block size

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from server.config import ServerConfig
+from loraserve.config import ServerConfig
 from benchmarks.embedded import add_device_and_out, load_embedded
-from server.engine.engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import ScheduledBatch
-from server.model.loader import LoadedModel
+from loraserve.engine.engine import LLMEngine
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.scheduler import ScheduledBatch
+from loraserve.model.loader import LoadedModel
 
 
 def make_prompts(count: int, system_tokens: int, question_tokens: int, vocab_size: int) -> list[list[int]]:

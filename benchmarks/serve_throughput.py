@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def start_server(port: int, *flags: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--model", "embedded", *flags]
+    command = [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(port), "--model", "embedded", *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=None, text=True)
     for line in process.stdout:
         print("  server:", line.rstrip(), file=sys.stderr)
@@ -65,7 +65,7 @@ def run_transformers(prompts: list[str], max_tokens: int) -> tuple[int, float]:
     """transformers' own GGUF loading and batched greedy generate, left-padded; returns (tokens, seconds)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.model.embedded import embedded_gguf_path
+    from loraserve.model.embedded import embedded_gguf_path
 
     path = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, padding_side="left")

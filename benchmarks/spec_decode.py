@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from server.config import ServerConfig
+from loraserve.config import ServerConfig
 from benchmarks.embedded import add_device_and_out, load_embedded
-from server.engine.engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.model.loader import LoadedModel
+from loraserve.engine.engine import LLMEngine
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.model.loader import LoadedModel
 
 PASSAGES = {
     "lighthouse": (

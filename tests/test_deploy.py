@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.metrics import Metrics
+from loraserve.metrics import Metrics
 
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"

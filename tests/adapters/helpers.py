@@ -8,8 +8,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adapters.format import BaseModelShape
-from adapters.registry import AdapterRef, AdapterRegistry
+from loraserve.adapters.format import BaseModelShape
+from loraserve.adapters.registry import AdapterRef, AdapterRegistry
 
 BASE = BaseModelShape.for_llama(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
                                 head_dim=16)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.errors import AdapterFormatError, AdapterNotFoundError, AdapterTooLargeError
-from adapters.format import inspect_adapter, load_adapter
+from loraserve.adapters.errors import AdapterFormatError, AdapterNotFoundError, AdapterTooLargeError
+from loraserve.adapters.format import inspect_adapter, load_adapter
 from tests.adapters.helpers import (BASE, CONFIG, WEIGHTS, edit_config, make_peft_model, read_tensors, tensor_name,
                                     write_tensors)
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.errors import AdapterFormatError, AdapterNameError, AdapterNotFoundError
-from adapters.format import load_adapter
-from adapters.registry import AdapterRef, AdapterRegistry
-from adapters.slot_pool import SlotPool
+from loraserve.adapters.errors import AdapterFormatError, AdapterNameError, AdapterNotFoundError
+from loraserve.adapters.format import load_adapter
+from loraserve.adapters.registry import AdapterRef, AdapterRegistry
+from loraserve.adapters.slot_pool import SlotPool
 from tests.adapters.helpers import BASE, WEIGHTS, acquire, read_tensors, tensor_name
 
 MAX_RANK = 8

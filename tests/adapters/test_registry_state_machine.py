@@ -11,9 +11,9 @@ import torch
 from hypothesis import settings, strategies
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from adapters.errors import AdapterNotFoundError
-from adapters.registry import AdapterRef, AdapterRegistry
-from adapters.slot_pool import SlotPool
+from loraserve.adapters.errors import AdapterNotFoundError
+from loraserve.adapters.registry import AdapterRef, AdapterRegistry
+from loraserve.adapters.slot_pool import SlotPool
 from tests.adapters.helpers import BASE, acquire, read_tensors, tensor_name
 
 NUM_SLOTS, MAX_RANK, SEEDS = 2, 8, [1, 2, 3]

@@ -6,12 +6,12 @@ import sys
 import time
 from pathlib import Path
 
-from adapters.scratch import PREFIX, ScratchAdapterDirectory, remove_abandoned
+from loraserve.adapters.scratch import PREFIX, ScratchAdapterDirectory, remove_abandoned
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from adapters.scratch import ScratchAdapterDirectory
+from loraserve.adapters.scratch import ScratchAdapterDirectory
 scratch = ScratchAdapterDirectory(Path(sys.argv[1]))
 print(scratch.root, flush=True)
 time.sleep(60)

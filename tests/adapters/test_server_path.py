@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.errors import AdapterFormatError, AdapterTooLargeError
-from adapters.server_path import NOT_AN_ADAPTER, checked_source_files, copy_regular_file
+from loraserve.adapters.errors import AdapterFormatError, AdapterTooLargeError
+from loraserve.adapters.server_path import NOT_AN_ADAPTER, checked_source_files, copy_regular_file
 from tests.adapters.helpers import WEIGHTS
 
 CONFIG = "adapter_config.json"

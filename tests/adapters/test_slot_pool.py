@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from adapters.format import load_adapter
-from adapters.slot_pool import SlotPool, page_bytes
-from kernels.lora import LoraMapping, add_lora_reference
+from loraserve.adapters.format import load_adapter
+from loraserve.adapters.slot_pool import SlotPool, page_bytes
+from loraserve.kernels.lora import LoraMapping, add_lora_reference
 from tests.adapters.helpers import BASE, read_tensors, tensor_name
 
 # The model's fused projections and their slices, written out here rather than taken from the code under test.

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from adapters.errors import AdapterFormatError, AdapterNameError
-from adapters.format import inspect_adapter
-from adapters.server_path import checked_source_files
-from adapters.store import AdapterStore, validate_name
+from loraserve.adapters.errors import AdapterFormatError, AdapterNameError
+from loraserve.adapters.format import inspect_adapter
+from loraserve.adapters.server_path import checked_source_files
+from loraserve.adapters.store import AdapterStore, validate_name
 from tests.adapters.helpers import BASE, WEIGHTS
 
 BAD_NAMES = ["", ".hidden", "..", "../evil", "a/b", "a\\b", "a..b", "x" * 65, "with space", "new\nline", "é"]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.api.auth import ADMIN_KEY_VARIABLE
+from loraserve.api.auth import ADMIN_KEY_VARIABLE
 from tests.api.lora_helpers import ADMIN_KEY
 from tests.model.helpers import save_tiny_llama
 
@@ -70,7 +70,7 @@ def wait_for_ready_line(process: subprocess.Popen, log: Path) -> str:
 
 
 def start_server(directory: Path, *flags: str, model: str = "embedded", admin_key: str | None = None,
-                 module: str = "server.cli", environment: dict[str, str] | None = None) -> Iterator[Server]:
+                 module: str = "loraserve.cli", environment: dict[str, str] | None = None) -> Iterator[Server]:
     """A server whose log and adapters live in `directory`; the admin key is set only when given. `module` runs
     instead of the real command line (a test double around it), with `environment` added to the process's."""
     log, adapter_dir = directory / "server.log", directory / "adapters"

@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-from server.cli import main
-from server.model.llama import LlamaModel
+from loraserve.cli import main
+from loraserve.model.llama import LlamaModel
 
 FAULT_POSITION = int(os.environ["LORASERVE_TEST_FAULT_POSITION"])
 real_forward = LlamaModel.forward

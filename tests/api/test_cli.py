@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from server.cli import build_parser, config_from, parse_size
-from server.config import ServerConfig
+from loraserve.cli import build_parser, config_from, parse_size
+from loraserve.config import ServerConfig
 
 
 @pytest.mark.parametrize("text, size", [("1073741824", 2**30), ("512MiB", 512 * 2**20), ("2GiB", 2 * 2**30),
@@ -32,7 +32,7 @@ def test_flags_map_onto_every_config_field():
 
 
 def test_every_flag_has_help():
-    help_text = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--help"], capture_output=True,
+    help_text = subprocess.run([sys.executable, "-m", "loraserve.cli", "serve", "--help"], capture_output=True,
                                text=True, check=True).stdout
     for field in dataclasses.fields(ServerConfig):
         assert "--" + field.name.replace("_", "-") in help_text

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.cli import EXIT_ENGINE_DEAD
-from server.engine.engine import MAX_CONSECUTIVE_CULPRITS
+from loraserve.cli import EXIT_ENGINE_DEAD
+from loraserve.engine.engine import MAX_CONSECUTIVE_CULPRITS
 from tests.api.conftest import Server, start_server
 from tests.api.lora_helpers import ADMIN, ADMIN_KEY, save_random_adapter, upload
 

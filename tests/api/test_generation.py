@@ -3,12 +3,12 @@ import asyncio
 
 import pytest
 
-from server.api.errors import GenerationAbortedError
-from server.api.generation import Submission, submit
-from server.engine.async_engine import RequestStream
-from server.engine.errors import QueueFullError, RequestFailedError
-from server.engine.outputs import RequestOutput
-from server.engine.sampling_params import SamplingParams
+from loraserve.api.errors import GenerationAbortedError
+from loraserve.api.generation import Submission, submit
+from loraserve.engine.async_engine import RequestStream
+from loraserve.engine.errors import QueueFullError, RequestFailedError
+from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.sampling_params import SamplingParams
 
 
 def output(text: str, finished: bool = False, reason: str | None = None) -> RequestOutput:

@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from server.api.body_limits import MAX_JSON_DEPTH
+from loraserve.api.body_limits import MAX_JSON_DEPTH
 
 HUGE_INTS = [9223372036854775808, 10**30]
 CHAT = [{"role": "user", "content": "hi"}]

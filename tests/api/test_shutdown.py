@@ -23,7 +23,7 @@ LONG = {"max_tokens": 200, "ignore_eos": True}  # far longer than the shutdown t
 
 def start(directory: Path) -> tuple[subprocess.Popen, str]:
     log = directory / "server.log"
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", "0", "--log-level", "warning",
+    command = [sys.executable, "-m", "loraserve.cli", "serve", "--port", "0", "--log-level", "warning",
                "--adapter-dir", str(directory / "adapters"), "--max-num-seqs", str(NUM_STREAMS),
                "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), *MAIN_FLAGS]
     with open(log, "w") as log_file:

@@ -1,8 +1,8 @@
 """SSE framing: an error mid-stream becomes a final event in the API's own error shape."""
 import asyncio
 
-from server.api.streaming import sse_events
-from server.engine.errors import EngineDeadError
+from loraserve.api.streaming import sse_events
+from loraserve.engine.errors import EngineDeadError
 
 
 async def chunks_then_failure():

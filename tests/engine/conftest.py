@@ -3,9 +3,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from server.config import ServerConfig
-from server.engine.engine import LLMEngine
-from server.model.loader import LoadedModel, load_model
+from loraserve.config import ServerConfig
+from loraserve.engine.engine import LLMEngine
+from loraserve.model.loader import LoadedModel, load_model
 from tests.model.helpers import save_tiny_llama
 
 

@@ -1,9 +1,9 @@
 """Drivers the engine tests share."""
 import torch
 
-from server.engine.engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import ScheduledBatch
+from loraserve.engine.engine import LLMEngine
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.scheduler import ScheduledBatch
 
 
 def run_staggered(engine: LLMEngine, workload: list[tuple[list[int], SamplingParams]],

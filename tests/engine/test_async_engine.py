@@ -2,9 +2,9 @@ import asyncio
 
 import pytest
 
-from server.engine.async_engine import AsyncEngine
-from server.engine.errors import QueueFullError, ShuttingDownError
-from server.engine.sampling_params import SamplingParams
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.errors import QueueFullError, ShuttingDownError
+from loraserve.engine.sampling_params import SamplingParams
 
 
 async def collect(stream) -> list[int]:

@@ -1,9 +1,9 @@
 import torch
 
-from adapters.registry import AdapterRef
-from server.engine.block_manager import BlockManager
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Sequence
+from loraserve.adapters.registry import AdapterRef
+from loraserve.engine.block_manager import BlockManager
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.sequence import Sequence
 
 
 def make_sequence(num_tokens: int, request_id: str = "r") -> Sequence:

@@ -9,10 +9,10 @@ import torch
 from hypothesis import settings, strategies
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from adapters.registry import AdapterRef
-from server.engine.block_manager import BlockKey, BlockManager
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Sequence
+from loraserve.adapters.registry import AdapterRef
+from loraserve.engine.block_manager import BlockKey, BlockManager
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.sequence import Sequence
 
 BLOCK_SIZE, NUM_BLOCKS = 2, 10
 TOKENS = strategies.lists(strategies.integers(0, 2), min_size=1, max_size=7)  # few tokens: prefixes repeat

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.config import ServerConfig
-from server.engine.cuda_graphs import CapturedStep, DecodeGraphs
-from server.engine.engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.model.loader import load_model
+from loraserve.config import ServerConfig
+from loraserve.engine.cuda_graphs import CapturedStep, DecodeGraphs
+from loraserve.engine.engine import LLMEngine
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.model.loader import load_model
 from tests.api.lora_helpers import save_random_adapter
 from tests.model.helpers import save_tiny_llama
 

@@ -3,11 +3,11 @@ embedded model (GPU only)."""
 import pytest
 import torch
 
-from server.config import ServerConfig
-from server.engine.engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.model.errors import ModelLoadError
-from server.model.loader import load_model
+from loraserve.config import ServerConfig
+from loraserve.engine.engine import LLMEngine
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.model.errors import ModelLoadError
+from loraserve.model.loader import load_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from server.engine.draft_proposer import DraftModelProposer
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Sequence
-from server.model.loader import LoadedModel
+from loraserve.engine.draft_proposer import DraftModelProposer
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.sequence import Sequence
+from loraserve.model.loader import LoadedModel
 
 PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
 

@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from server.engine.errors import RequestValidationError
-from server.engine.sampling_params import SamplingParams
+from loraserve.engine.errors import RequestValidationError
+from loraserve.engine.sampling_params import SamplingParams
 from tests.engine.helpers import run_staggered
 
 

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.config import ServerConfig
-from server.engine.engine import MAX_CONSECUTIVE_CULPRITS, LLMEngine
-from server.engine.errors import EngineDeadError, RequestFailedError
-from server.engine.outputs import RequestOutput
-from server.engine.sampling_params import SamplingParams
-from server.model.loader import load_model
+from loraserve.config import ServerConfig
+from loraserve.engine.engine import MAX_CONSECUTIVE_CULPRITS, LLMEngine
+from loraserve.engine.errors import EngineDeadError, RequestFailedError
+from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.model.loader import load_model
 from tests.api.lora_helpers import save_random_adapter
 from tests.model.helpers import save_tiny_llama
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import adapters.registry as registry_module
-from server.config import ServerConfig
-from server.engine.engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.model.loader import load_model
+import loraserve.adapters.registry as registry_module
+from loraserve.config import ServerConfig
+from loraserve.engine.engine import LLMEngine
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.model.loader import load_model
 from tests.api.lora_helpers import peft_greedy, peft_model, save_random_adapter
 from tests.model.helpers import save_tiny_llama
 

@@ -2,9 +2,9 @@
 followed by enough tokens."""
 import torch
 
-from server.engine.proposers import NgramProposer
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Sequence
+from loraserve.engine.proposers import NgramProposer
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.sequence import Sequence
 
 
 def test_the_longest_suffix_match_wins_over_a_later_shorter_one():

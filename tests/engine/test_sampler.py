@@ -1,8 +1,8 @@
 import torch
 
-from server.engine.sampler import sample
-from server.engine.sampling_params import SamplingParams
-from server.engine.sequence import Sequence
+from loraserve.engine.sampler import sample
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.sequence import Sequence
 
 VOCAB = 32
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from server.engine.block_manager import BlockManager
-from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler
-from server.engine.sequence import Sequence, SequenceStatus
+from loraserve.engine.block_manager import BlockManager
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.sequence import Sequence, SequenceStatus
 
 
 def make_sequence(request_id: str, num_tokens: int) -> Sequence:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from server.config import ServerConfig
-from server.engine import engine as engine_module
-from server.engine.engine import LLMEngine
-from server.engine.sampler import Sampled
-from server.engine.sampling_params import SamplingParams
-from server.model.loader import LoadedModel, load_model
+from loraserve.config import ServerConfig
+from loraserve.engine import engine as engine_module
+from loraserve.engine.engine import LLMEngine
+from loraserve.engine.sampler import Sampled
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.model.loader import LoadedModel, load_model
 from tests.api.lora_helpers import save_random_adapter
 from tests.model.helpers import save_tiny_llama
 

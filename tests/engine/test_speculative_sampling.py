@@ -18,11 +18,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from server.config import ServerConfig
-from server.engine.engine import LLMEngine
-from server.engine.sampler import accept_sampled
-from server.engine.sampling_params import SamplingParams
-from server.model.loader import LoadedModel, load_model
+from loraserve.config import ServerConfig
+from loraserve.engine.engine import LLMEngine
+from loraserve.engine.sampler import accept_sampled
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.model.loader import LoadedModel, load_model
 from tests.model.helpers import save_tiny_llama
 
 VOCAB_SIZE = 16

@@ -6,10 +6,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.triton_decode_attention import _merge_kernel, _partition_kernel
-from kernels.triton_kv_write import _write_kv_kernel
-from kernels.triton_lora import _expand_kernel, _shrink_kernel
-from kernels.triton_paged_attention import _paged_attention_kernel
+from loraserve.kernels.triton_decode_attention import _merge_kernel, _partition_kernel
+from loraserve.kernels.triton_kv_write import _write_kv_kernel
+from loraserve.kernels.triton_lora import _expand_kernel, _shrink_kernel
+from loraserve.kernels.triton_paged_attention import _paged_attention_kernel
 
 
 def compile_kernel(kernel: triton.JITFunction, pointers: dict[str, str], constants: dict[str, int]) -> None:

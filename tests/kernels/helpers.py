@@ -1,7 +1,7 @@
 """Random paged-cache batches and a float64 attention computed directly, independent of the kernels."""
 import torch
 
-from kernels.attention import AttentionMetadata
+from loraserve.kernels.attention import AttentionMetadata
 
 
 def relative_error(output: torch.Tensor, expected: torch.Tensor) -> float:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.triton_kv_write import write_kv_cache_triton
+from loraserve.kernels.triton_kv_write import write_kv_cache_triton
 
 
 def check_write(num_tokens: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,

@@ -3,10 +3,10 @@ against a float64 per-token computation, with slots of different ranks in pages 
 import pytest
 import torch
 
-from kernels.cpu_lora import COMPILED
-from kernels.lora import (LoraMapping, LoraWeights, PaddedLoraMapping, add_lora_cpu, add_lora_gathered,
+from loraserve.kernels.cpu_lora import COMPILED
+from loraserve.kernels.lora import (LoraMapping, LoraWeights, PaddedLoraMapping, add_lora_cpu, add_lora_gathered,
                           add_lora_reference)
-from kernels.triton_lora import add_lora_triton
+from loraserve.kernels.triton_lora import add_lora_triton
 from tests.kernels.helpers import relative_error
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from kernels.attention import paged_attention
-from kernels.triton_decode_attention import decode_attention_triton
-from kernels.triton_paged_attention import paged_attention_triton
+from loraserve.kernels.attention import paged_attention
+from loraserve.kernels.triton_decode_attention import decode_attention_triton
+from loraserve.kernels.triton_paged_attention import paged_attention_triton
 from tests.kernels.helpers import attention_float64, make_batch, relative_error
 
 # Decodes (query length 1) and prefill chunks mixed in one batch; odd lengths, not multiples of the block size.

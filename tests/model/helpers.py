@@ -7,8 +7,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kernels.attention import AttentionMetadata
-from server.model.llama import LlamaModel
+from loraserve.kernels.attention import AttentionMetadata
+from loraserve.model.llama import LlamaModel
 
 VOCAB_SIZE = 320
 CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, hello there", "paged attention caches keys"]

@@ -4,11 +4,11 @@ import importlib.util
 import pytest
 import torch
 
-from server.model.embedded import EMBEDDED_FILE, embedded_gguf_path
-from server.model.errors import ModelLoadError
-from server.model.gguf_loader import gguf_config, unpermute_rope_rows
-from server.model.gguf_tokenizer import read_gguf_tokenizer
-from server.model.loader import LoadedModel, load_model
+from loraserve.model.embedded import EMBEDDED_FILE, embedded_gguf_path
+from loraserve.model.errors import ModelLoadError
+from loraserve.model.gguf_loader import gguf_config, unpermute_rope_rows
+from loraserve.model.gguf_tokenizer import read_gguf_tokenizer
+from loraserve.model.loader import LoadedModel, load_model
 from tests.model.helpers import paged_greedy, paged_prefill
 
 needs_embedded = pytest.mark.skipif(

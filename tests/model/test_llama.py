@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from server.model.llama import LlamaModel
-from server.model.loader import LoadedModel, load_model
+from loraserve.model.llama import LlamaModel
+from loraserve.model.loader import LoadedModel, load_model
 from tests.model.helpers import VOCAB_SIZE, PagedCache, paged_greedy, paged_prefill, save_tiny_llama
 
 TOLERANCE = 1e-4

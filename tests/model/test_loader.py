@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.model import embedded
-from server.model.errors import ModelLoadError
-from server.model.loader import load_model
+from loraserve.model import embedded
+from loraserve.model.errors import ModelLoadError
+from loraserve.model.loader import load_model
 from tests.model.helpers import paged_prefill, save_tiny_llama
 
 CPU = torch.device("cpu")

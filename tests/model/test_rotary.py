@@ -5,8 +5,8 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from server.model.config import ModelConfig
-from server.model.layers.rotary import RotaryEmbedding, apply_rotary, inverse_frequencies
+from loraserve.model.config import ModelConfig
+from loraserve.model.layers.rotary import RotaryEmbedding, apply_rotary, inverse_frequencies
 
 SCALINGS = {
     "default": None,

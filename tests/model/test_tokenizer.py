@@ -4,8 +4,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from server.model.errors import ChatTemplateError
-from server.model.hf_loader import read_tokenizer
+from loraserve.model.errors import ChatTemplateError
+from loraserve.model.hf_loader import read_tokenizer
 from tests.model.helpers import save_tiny_llama
 
 TEXTS = [

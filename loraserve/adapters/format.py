@@ -1,0 +1,175 @@
+"""Reads and validates a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for a Llama base.
+
+Everything the config (peft_config.py) and the safetensors header can tell is checked before a tensor is read,
+so a bad upload fails fast and with a message that names the problem. Pickled weights (adapter_model.bin) are
+refused unread: unpickling runs arbitrary code.
+"""
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from loraserve.adapters.errors import AdapterFormatError, AdapterNotFoundError
+from loraserve.adapters.peft_config import CONFIG_FILE, TARGETS, Module, read_lora_settings
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"
+ACCEPTED_DTYPES = {"F16", "BF16", "F32"}
+# PEFT over LlamaForCausalLM saves base_model.model.model.layers...; over LlamaModel, base_model.model.layers...
+TENSOR_NAME = re.compile(r"base_model\.model\.(?:model\.)?layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight")
+
+TensorNames = dict[Module, tuple[str, str]]  # each module's (lora_A, lora_B) tensor names
+
+
+@dataclass(frozen=True)
+class BaseModelShape:
+    """What an adapter must fit: the layer count and each target's (in_features, out_features)."""
+
+    num_layers: int
+    module_shapes: dict[str, tuple[int, int]]
+
+    def __post_init__(self) -> None:
+        assert set(self.module_shapes) == set(TARGETS), f"need shapes for exactly {list(TARGETS)}"
+
+    @classmethod
+    def for_llama(cls, num_layers: int, hidden_size: int, intermediate_size: int, num_heads: int,
+                  num_kv_heads: int, head_dim: int) -> "BaseModelShape":
+        return cls(num_layers, {
+            "q_proj": (hidden_size, num_heads * head_dim), "k_proj": (hidden_size, num_kv_heads * head_dim),
+            "v_proj": (hidden_size, num_kv_heads * head_dim), "o_proj": (num_heads * head_dim, hidden_size),
+            "gate_proj": (hidden_size, intermediate_size), "up_proj": (hidden_size, intermediate_size),
+            "down_proj": (intermediate_size, hidden_size),
+        })
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A validated adapter without its weights: what the registry lists for adapters still on disk."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool
+    targets: list[str]  # in TARGETS order
+    size_bytes: int  # of the float32 weights once loaded
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class LoraAdapter(AdapterInfo):
+    """A validated adapter with its weights in float32 on the CPU; a (layer, target) not in weights is untouched."""
+
+    weights: dict[Module, tuple[torch.Tensor, torch.Tensor]]  # (A [rank, in], B [out, rank])
+
+    def info(self) -> AdapterInfo:
+        """The description alone, to keep after the weights are dropped."""
+        return AdapterInfo(self.rank, self.alpha, self.use_rslora, self.targets, self.size_bytes)
+
+
+def inspect_adapter(directory: Path, base: BaseModelShape, max_rank: int) -> AdapterInfo:
+    """Validate config and safetensors header without reading tensor data (cheap enough for a start-up scan)."""
+    return _validate(directory, base, max_rank)[0]
+
+
+def load_adapter(directory: Path, base: BaseModelShape, max_rank: int) -> LoraAdapter:
+    info, tensor_names = _validate(directory, base, max_rank)
+    weights = _read_weights(directory / WEIGHTS_FILE, tensor_names)
+    return LoraAdapter(**dataclasses.asdict(info), weights=weights)
+
+
+def adapter_files(directory: Path) -> list[Path]:
+    """The two files an adapter consists of; refuses a missing one, and pickled weights without reading them."""
+    if not directory.is_dir():
+        raise AdapterNotFoundError(f"no adapter directory at {directory}")
+    config, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config.is_file():
+        raise AdapterFormatError(f"missing {CONFIG_FILE}")
+    if not weights.is_file():
+        if (directory / PICKLED_WEIGHTS_FILE).exists():
+            raise AdapterFormatError(f"{PICKLED_WEIGHTS_FILE} holds pickled weights, which are refused (unpickling "
+                                     f"runs arbitrary code); save the adapter as {WEIGHTS_FILE}")
+        raise AdapterFormatError(f"missing {WEIGHTS_FILE}")
+    return [config, weights]
+
+
+def _validate(directory: Path, base: BaseModelShape, max_rank: int) -> tuple[AdapterInfo, TensorNames]:
+    config_path, weights_path = adapter_files(directory)
+    settings = read_lora_settings(config_path, base.num_layers, max_rank)
+    tensor_names = _check_header(weights_path, settings.modules, base, settings.rank)
+    targets = [target for target in TARGETS if any(target == module[1] for module in settings.modules)]
+    size_bytes = sum(settings.rank * sum(base.module_shapes[target]) * 4 for _, target in settings.modules)
+    return AdapterInfo(settings.rank, settings.alpha, settings.use_rslora, targets, size_bytes), tensor_names
+
+
+def _check_header(path: Path, modules: frozenset[Module], base: BaseModelShape, rank: int) -> TensorNames:
+    """Tensor names by module, after checking every name, dtype and shape, and that each module has A and B."""
+    found: dict[Module, dict[str, str]] = {}
+    try:
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                module, matrix = _parse_tensor_name(name, base)
+                if module not in modules:
+                    raise AdapterFormatError(f"tensor {name!r} adapts layer {module[0]} {module[1]}, which "
+                                             f"target_modules/layers_to_transform in {CONFIG_FILE} do not target")
+                if matrix in found.setdefault(module, {}):
+                    raise AdapterFormatError(f"tensors {found[module][matrix]!r} and {name!r} are the same matrix")
+                found[module][matrix] = name
+                tensor = handle.get_slice(name)
+                _check_tensor(name, tensor.get_dtype(), tensor.get_shape(), module, matrix, base, rank)
+    except (SafetensorError, OSError) as error:
+        raise AdapterFormatError(f"{path.name} is not a readable safetensors file: {error}") from error
+    for layer, target in sorted(modules):
+        for matrix in "AB":
+            if matrix not in found.get((layer, target), {}):
+                raise AdapterFormatError(f"missing tensor base_model.model.model.layers.{layer}.{TARGETS[target]}."
+                                         f"{target}.lora_{matrix}.weight")
+    return {module: (names["A"], names["B"]) for module, names in found.items()}
+
+
+def _parse_tensor_name(name: str, base: BaseModelShape) -> tuple[Module, str]:
+    match = TENSOR_NAME.fullmatch(name)
+    if match is None:
+        raise AdapterFormatError(f"unexpected tensor {name!r}; expected base_model.model.model.layers.<layer>."
+                                 f"<self_attn|mlp>.<projection>.lora_<A|B>.weight")
+    layer, parent, target, matrix = int(match[1]), match[2], match[3], match[4]
+    if TARGETS.get(target) != parent:
+        raise AdapterFormatError(f"tensor {name!r} adapts {parent}.{target}; adapters may target only "
+                                 f"{', '.join(TARGETS)}")
+    if layer >= base.num_layers:
+        raise AdapterFormatError(f"tensor {name!r} is for layer {layer}, but the base model has "
+                                 f"{base.num_layers} layers")
+    return (layer, target), matrix
+
+
+def _check_tensor(name: str, dtype: str, shape: list[int], module: Module, matrix: str, base: BaseModelShape,
+                  rank: int) -> None:
+    if dtype not in ACCEPTED_DTYPES:
+        raise AdapterFormatError(f"tensor {name!r} has dtype {dtype}; accepted: {', '.join(sorted(ACCEPTED_DTYPES))}")
+    in_features, out_features = base.module_shapes[module[1]]
+    expected = [rank, in_features] if matrix == "A" else [out_features, rank]
+    if list(shape) != expected:
+        raise AdapterFormatError(f"tensor {name!r} has shape {list(shape)}, expected {expected} (rank {rank}; the "
+                                 f"base model's {module[1]} maps {in_features} to {out_features} features)")
+
+
+def _read_weights(path: Path, tensor_names: TensorNames) -> dict[Module, tuple[torch.Tensor, torch.Tensor]]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            return {module: (_read_tensor(handle, name_a), _read_tensor(handle, name_b))
+                    for module, (name_a, name_b) in tensor_names.items()}
+    except (SafetensorError, OSError) as error:
+        raise AdapterFormatError(f"{path.name} is not a readable safetensors file: {error}") from error
+
+
+def _read_tensor(handle: Any, name: str) -> torch.Tensor:
+    tensor = handle.get_tensor(name).to(torch.float32)
+    if not torch.isfinite(tensor).all():
+        raise AdapterFormatError(f"tensor {name!r} holds NaN or infinite values")
+    return tensor

@@ -1,0 +1,72 @@
+"""Brings adapters into device slots on a background thread, so the engine step never waits for a disk read or a
+copy: a queued request asks for its adapter (`want`), and becomes admissible once the adapter is resident.
+
+Adapters are brought in in the order they were first asked for; many requests for one adapter load it once. When
+every slot is held by running requests the loader sleeps until a slot is released (`wake`).
+"""
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+from loraserve.adapters.errors import AdapterError, AdapterNotFoundError
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterLoader:
+    """`make_resident(key)` loads and places one adapter (True, or False while no slot can be had); `needed(key)`
+    says whether any request still waits for it; `failed(key, error)` records a load that cannot succeed."""
+
+    def __init__(self, make_resident: Callable[[Hashable], bool], needed: Callable[[Hashable], bool],
+                 failed: Callable[[Hashable, AdapterError], None]) -> None:
+        self._make_resident, self._needed, self._failed = make_resident, needed, failed
+        self._wanted: OrderedDict[Hashable, None] = OrderedDict()  # first asked for first
+        self._condition = threading.Condition()
+        self._changed = False  # a want or a released slot since the last pass
+        self._thread: threading.Thread | None = None
+
+    def want(self, key: Hashable) -> None:
+        with self._condition:
+            if key not in self._wanted:
+                self._wanted[key] = None
+                self._changed = True
+                self._condition.notify()
+            if self._thread is None:  # started on first use: a server without adapters runs no thread
+                self._thread = threading.Thread(target=self._run, name="loraserve-adapter-loader", daemon=True)
+                self._thread.start()
+
+    def wake(self) -> None:
+        """A slot may have become free: try the adapters still wanted again."""
+        with self._condition:
+            self._changed = True
+            self._condition.notify()
+
+    def pending(self) -> list[Hashable]:
+        with self._condition:
+            return list(self._wanted)
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not (self._changed and self._wanted):
+                    self._condition.wait()
+                self._changed = False
+                keys = list(self._wanted)
+            for key in keys:
+                if not self._bring_in(key):
+                    break  # no slot for the oldest want: none for the later ones either
+
+    def _bring_in(self, key: Hashable) -> bool:
+        """Load one wanted adapter; False when it must wait for a slot."""
+        try:
+            if self._needed(key) and not self._make_resident(key):
+                return False
+        except AdapterNotFoundError:
+            pass  # replaced or removed, and nobody holds it any more
+        except AdapterError as error:
+            logger.error("adapter %s could not be loaded: %s", key, error)
+            self._failed(key, error)
+        with self._condition:
+            self._wanted.pop(key, None)
+        return True

@@ -1,0 +1,118 @@
+"""What a PEFT adapter_config.json asks for, checked against what we serve: plain LoRA on the seven projections
+of a Llama decoder layer. Options that would change the math are refused by name, never silently ignored."""
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraserve.adapters.errors import AdapterFormatError, AdapterTooLargeError
+
+CONFIG_FILE = "adapter_config.json"
+
+# The projections an adapter may target, each with the decoder-layer module that holds it.
+TARGETS: dict[str, str] = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+# Config options that change the forward pass beyond y += s * x A^T B^T; any truthy value is refused.
+UNSUPPORTED_OPTIONS: dict[str, str] = {
+    "use_dora": "DoRA", "modules_to_save": "fully trained extra modules (modules_to_save)",
+    "rank_pattern": "per-module ranks (rank_pattern)", "alpha_pattern": "per-module alphas (alpha_pattern)",
+    "lora_bias": "a bias on lora_B (lora_bias)", "fan_in_fan_out": "transposed weights (fan_in_fan_out)",
+    "exclude_modules": "exclude_modules", "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable token embeddings", "target_parameters": "parameter targets",
+    "use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+}
+
+Module = tuple[int, str]  # (layer, target)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int
+    alpha: float
+    use_rslora: bool
+    modules: frozenset[Module]  # every (layer, target) the adapter must carry weights for
+
+
+def read_lora_settings(path: Path, num_layers: int, max_rank: int) -> LoraSettings:
+    config = _read_json(path)
+    rank, alpha, use_rslora = _check_config(config, max_rank)
+    return LoraSettings(rank, alpha, use_rslora, _targeted_modules(config, num_layers))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterFormatError(f"{CONFIG_FILE} is not readable JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
+    return config
+
+
+def _check_config(config: dict[str, Any], max_rank: int) -> tuple[int, float, bool]:
+    """(rank, alpha, use_rslora) of a plain LoRA config; refuses everything that would change the math."""
+    if config.get("peft_type") != "LORA":
+        raise AdapterFormatError(f"peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are served")
+    for key, feature in UNSUPPORTED_OPTIONS.items():
+        if config.get(key):
+            raise AdapterFormatError(f"{CONFIG_FILE} asks for {feature} ({key}={config[key]!r}), which we do not serve")
+    if config.get("bias", "none") != "none":
+        raise AdapterFormatError(f"bias={config['bias']!r} is not supported; only bias='none'")
+    rank, alpha, use_rslora = config.get("r"), config.get("lora_alpha"), config.get("use_rslora", False)
+    if not _is_int(rank) or rank < 1:
+        raise AdapterFormatError(f"r must be a positive integer, got {rank!r}")
+    if rank > max_rank:
+        raise AdapterTooLargeError(f"rank {rank} exceeds the server's max LoRA rank {max_rank}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterFormatError(f"lora_alpha must be a positive number, got {alpha!r}")
+    if not isinstance(use_rslora, bool):
+        raise AdapterFormatError(f"use_rslora must be true or false, got {use_rslora!r}")
+    return rank, float(alpha), use_rslora
+
+
+def _targeted_modules(config: dict[str, Any], num_layers: int) -> frozenset[Module]:
+    """The (layer, target) pairs PEFT would have adapted, matching module names the way PEFT does: a string is
+    a regex over the whole name ("all-linear" meaning every projection), a list entry matches a name's suffix."""
+    layers = _layers_to_transform(config.get("layers_to_transform"), num_layers)
+    names = {(layer, target): f"model.layers.{layer}.{parent}.{target}"
+             for layer in layers for target, parent in TARGETS.items()}
+    spec = config.get("target_modules")
+    if spec == "all-linear":
+        return frozenset(names)
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as error:
+            raise AdapterFormatError(f"target_modules {spec!r} is not a valid regex: {error}") from error
+        modules = frozenset(module for module, name in names.items() if pattern.fullmatch(name))
+        if not modules:
+            raise AdapterFormatError(f"target_modules {spec!r} matches none of {', '.join(TARGETS)}")
+        return modules
+    if not isinstance(spec, list) or not spec or not all(isinstance(entry, str) for entry in spec):
+        raise AdapterFormatError(f"target_modules must be a non-empty list of names or a regex, got {spec!r}")
+    modules: set[Module] = set()
+    for entry in spec:
+        matched = {module for module, name in names.items() if name == entry or name.endswith("." + entry)}
+        if not matched:
+            raise AdapterFormatError(f"target module {entry!r} is not supported; adapters may target only "
+                                     f"{', '.join(TARGETS)}")
+        modules |= matched
+    return frozenset(modules)
+
+
+def _layers_to_transform(value: Any, num_layers: int) -> list[int]:
+    if value is None:
+        return list(range(num_layers))
+    layers = [value] if _is_int(value) else value
+    if not isinstance(layers, list) or not layers or not all(_is_int(layer) and 0 <= layer < num_layers
+                                                              for layer in layers):
+        raise AdapterFormatError(f"layers_to_transform {value!r} must name layers below {num_layers}")
+    return layers
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

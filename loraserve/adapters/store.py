@@ -1,0 +1,156 @@
+"""Adapters on disk: <root>/<name>/v<version>/{adapter_config.json, adapter_model.safetensors}.
+
+A new version is staged in a temporary directory inside root and renamed into place in one step, so a failed
+upload or a crash never leaves a half-written version where the start-up scan would find it. A replaced or
+removed version still in use is renamed out of its name's directory the same way, so a restart cannot revive it.
+Names become path components, so they are validated here, before anything touches the filesystem.
+"""
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraserve.adapters.errors import AdapterError, AdapterFormatError, AdapterNameError
+from loraserve.adapters.format import AdapterInfo, BaseModelShape, adapter_files, inspect_adapter
+from loraserve.adapters.server_path import copy_regular_file
+
+logger = logging.getLogger(__name__)
+
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+VERSION_DIRECTORY = re.compile(r"v([1-9][0-9]*)")
+TEMPORARY_PREFIX = ".tmp-"  # staged or retired versions; names cannot start with ".", so never an adapter
+
+
+def validate_name(name: str) -> str:
+    """1..64 letters, digits, '-', '_', '.'; not starting with '.', no '..': safe as one path component."""
+    if not isinstance(name, str) or not _is_safe_name(name):
+        raise AdapterNameError(f"invalid adapter name {name!r}: use 1 to 64 letters, digits, '-', '_' or '.', "
+                               f"not starting with '.' and without '..'")
+    return name
+
+
+def _is_safe_name(name: str) -> bool:
+    return NAME.fullmatch(name) is not None and ".." not in name
+
+
+@dataclass(frozen=True)
+class StoredAdapter:
+    name: str
+    version: int
+    directory: Path
+    info: AdapterInfo
+    created_at: float  # unix time the version was placed
+
+
+class AdapterStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def scan(self, base: BaseModelShape, max_rank: int) -> list[StoredAdapter]:
+        """The latest valid version of every adapter; removes temporary leftovers and superseded versions,
+        and skips (with a warning) whatever else does not validate."""
+        found = []
+        for child in sorted(self.root.iterdir()):
+            if child.name.startswith(TEMPORARY_PREFIX):
+                self.discard(child)
+            elif not child.is_dir() or not _is_safe_name(child.name):
+                logger.warning("ignoring %s: not an adapter directory", child)
+            elif (stored := self._latest_valid(child.name, base, max_rank)) is not None:
+                found.append(stored)
+        return found
+
+    def versions(self, name: str) -> list[int]:
+        directory = self.root / validate_name(name)
+        if not directory.is_dir():
+            return []
+        return [int(match[1]) for child in directory.iterdir() if (match := VERSION_DIRECTORY.fullmatch(child.name))]
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A new empty directory inside root (an upload is written there), removed afterwards; one a crash leaves
+        behind is removed by the next start-up's scan."""
+        directory = self._new_temporary()
+        try:
+            yield directory
+        finally:
+            self.discard(directory)
+
+    def stage(self, source: Path) -> Path:
+        """Move the adapter's two files from `source` (a scratch directory) into a new temporary directory."""
+        files = adapter_files(source)
+        staging = self._new_temporary()
+        try:
+            for file in files:
+                shutil.move(file, staging / file.name)
+        except OSError:
+            self.discard(staging)
+            raise
+        return staging
+
+    def stage_copy(self, files: dict[str, Path], max_bytes: int) -> Path:
+        """Copy the files `checked_source_files` approved (by name) into a new temporary directory, each read
+        through a descriptor that follows no further link, at most `max_bytes` in all (they may have changed)."""
+        staging = self._new_temporary()
+        try:
+            remaining = max_bytes
+            for name, file in files.items():
+                remaining -= copy_regular_file(file, staging / name, remaining)
+        except OSError:
+            self.discard(staging)
+            raise AdapterFormatError("the adapter's files could not be read") from None
+        except AdapterError:
+            self.discard(staging)
+            raise
+        return staging
+
+    def _new_temporary(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix=TEMPORARY_PREFIX, dir=self.root))
+
+    def commit(self, staging: Path, name: str, version: int, info: AdapterInfo) -> StoredAdapter:
+        """Rename a validated staging directory into place as the given version."""
+        directory = self.root / validate_name(name) / f"v{version}"
+        directory.parent.mkdir(exist_ok=True)
+        try:
+            os.rename(staging, directory)
+        except OSError:
+            self.discard(staging)
+            with contextlib.suppress(OSError):
+                directory.parent.rmdir()  # only if this add created it and it is still empty
+            raise
+        return StoredAdapter(name, version, directory, info, directory.stat().st_mtime)
+
+    def retire(self, directory: Path) -> Path:
+        """Move a version out of its name's directory (to be discarded once unused); returns where it went."""
+        retired = self.root / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}"
+        os.rename(directory, retired)
+        return retired
+
+    def delete(self, name: str) -> None:
+        """The name's directory, with any version left in it."""
+        self.discard(self.root / validate_name(name))
+
+    @staticmethod
+    def discard(directory: Path) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def _latest_valid(self, name: str, base: BaseModelShape, max_rank: int) -> StoredAdapter | None:
+        versions = sorted(self.versions(name), reverse=True)
+        for index, version in enumerate(versions):
+            directory = self.root / name / f"v{version}"
+            try:
+                info = inspect_adapter(directory, base, max_rank)
+            except AdapterError as error:
+                logger.warning("skipping adapter %s version %d: %s", name, version, error)
+                continue
+            for older in versions[index + 1:]:
+                self.discard(self.root / name / f"v{older}")
+            return StoredAdapter(name, version, directory, info, directory.stat().st_mtime)
+        logger.warning("adapter directory %s holds no valid version", self.root / name)
+        return None

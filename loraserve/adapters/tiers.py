@@ -1,0 +1,120 @@
+"""Where loaded adapter weights sit: a CPU cache and the device pool's slots and pages, each evicting least
+recently used first.
+
+Neither tier evicts an adapter that `in_use` says a running request holds. Not locked by itself: the registry
+calls it under its lock.
+"""
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Protocol
+
+from loraserve.adapters.format import LoraAdapter
+from loraserve.adapters.slot_pool import SlotPool
+
+
+class AdapterEventListener(Protocol):
+    """Told of loads and capacity evictions (tier "cpu" or "gpu"); called under the registry's lock, so it must
+    not call back into the registry."""
+
+    def adapter_loaded(self, tier: str, seconds: float) -> None: ...
+
+    def adapter_evicted(self, tier: str) -> None: ...
+
+
+class _Unheard:
+    def adapter_loaded(self, tier: str, seconds: float) -> None:
+        pass
+
+    def adapter_evicted(self, tier: str) -> None:
+        pass
+
+
+class AdapterTiers:
+    """`in_use` says a running request holds the adapter (never evicted); `wanted` that a request is queued for it
+    (evicted only when no slot is free of both)."""
+
+    def __init__(self, pool: SlotPool, max_cpu_loras: int, in_use: Callable[[Hashable], bool],
+                 wanted: Callable[[Hashable], bool], listener: AdapterEventListener | None) -> None:
+        self._pool, self._max_cpu_loras, self._in_use, self._wanted = pool, max_cpu_loras, in_use, wanted
+        self._listener = listener or _Unheard()
+        self._cpu: OrderedDict[Hashable, LoraAdapter] = OrderedDict()  # least recently used first
+        self._slots: OrderedDict[Hashable, tuple[int, list[int]]] = OrderedDict()  # slot and pages, LRU first
+        self._free_slots = list(range(pool.num_slots))
+
+    def tier(self, key: Hashable) -> str:
+        return "gpu" if key in self._slots else "cpu" if key in self._cpu else "disk"
+
+    def cpu_copy(self, key: Hashable) -> LoraAdapter | None:
+        if key in self._cpu:
+            self._cpu.move_to_end(key)
+        return self._cpu.get(key)
+
+    def keep_cpu_copy(self, key: Hashable, adapter: LoraAdapter, seconds: float) -> None:
+        """Cache a copy read in `seconds`, evicting least recently used ones beyond max_cpu_loras."""
+        self._cpu[key] = adapter
+        self._cpu.move_to_end(key)
+        while len(self._cpu) > self._max_cpu_loras:
+            victim = next((other for other in self._cpu if other != key and not self._in_use(other)), None)
+            if victim is None:
+                break  # over capacity only while adapters in use (at most num_slots) fill it
+            del self._cpu[victim]
+            self._listener.adapter_evicted("cpu")
+        self._listener.adapter_loaded("cpu", seconds)
+
+    def slot(self, key: Hashable) -> int | None:
+        if key in self._slots:
+            self._slots.move_to_end(key)
+        return self._slots[key][0] if key in self._slots else None
+
+    def can_place(self, rank: int) -> bool:
+        """Whether a slot and `rank` pages are free, or can be freed from adapters no running request holds."""
+        return self._evictions_for(rank) is not None
+
+    def reserve(self, rank: int) -> tuple[int, list[int]] | None:
+        """A free slot and `rank` free pages, evicting least recently used adapters no running request holds (first
+        those no queued request wants) until there are; None, evicting nothing, if held adapters leave too little
+        room. Fill them with `fill`, outside the caller's lock, then `occupy` or `free` them."""
+        victims = self._evictions_for(rank)
+        if victims is None:
+            return None
+        for victim in victims:
+            self.free(*self._slots.pop(victim))
+            self._listener.adapter_evicted("gpu")
+        return self._free_slots.pop(), self._pool.take_pages(rank)
+
+    def fill(self, slot: int, pages: list[int], adapter: LoraAdapter) -> float:
+        """Copy the adapter into a reserved slot and pages; returns the seconds it took."""
+        start = time.perf_counter()
+        self._pool.write(slot, pages, adapter)
+        return time.perf_counter() - start
+
+    def occupy(self, key: Hashable, slot: int, pages: list[int], seconds: float) -> None:
+        self._slots[key] = (slot, pages)
+        self._listener.adapter_loaded("gpu", seconds)
+
+    def free(self, slot: int, pages: list[int]) -> None:
+        self._pool.clear(slot)
+        self._pool.return_pages(pages)
+        self._free_slots.append(slot)
+
+    def drop(self, key: Hashable) -> None:
+        """Forget the adapter in both tiers, freeing its slot and pages."""
+        self._cpu.pop(key, None)
+        if key in self._slots:
+            self.free(*self._slots.pop(key))
+
+    def slots_in_use(self) -> int:
+        return len(self._slots)
+
+    def _evictions_for(self, rank: int) -> list[Hashable] | None:
+        """The adapters to evict, in order, to free a slot and `rank` pages; None if it cannot be done."""
+        unheld = [key for key in self._slots if not self._in_use(key)]
+        candidates = [key for key in unheld if not self._wanted(key)] + [key for key in unheld if self._wanted(key)]
+        victims, slots, pages = [], len(self._free_slots), self._pool.num_free_pages
+        for key in candidates:
+            if slots and pages >= rank:
+                break
+            victims.append(key)
+            slots, pages = slots + 1, pages + len(self._slots[key][1])
+        return victims if slots and pages >= rank else None

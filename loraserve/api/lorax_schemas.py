@@ -1,0 +1,70 @@
+"""Request bodies of the LoRAX-compatible endpoints, as `lorax-client` sends them.
+
+The client sends every parameter, most as null. Features this server lacks (typical-p, best-of, watermarks,
+merged adapters, constrained output) are refused when asked for, not ignored.
+"""
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from loraserve.api.common_schema import MAX_INT32, MAX_LOGPROBS, RequestSchema, StopStrings
+from loraserve.engine.sampling_params import SamplingParams
+
+MAX_LORAX_SEED = 2**64 - 1  # LoRAX's seed is an unsigned 64-bit integer
+
+
+class GenerateParameters(RequestSchema):
+    """`parameters` of a LoRAX request; greedy unless `do_sample` or a sampling setting asks otherwise."""
+
+    unsupported: ClassVar[dict[str, tuple]] = {
+        "typical_p": (None,), "best_of": (None, 1), "watermark": (None, False), "merged_adapters": (None,),
+        "response_format": (None,)}
+
+    adapter_id: str | None = None  # an uploaded adapter's name; empty or the base model's name means none
+    adapter_source: str | None = Field(None, json_schema_extra={"enum": ["local", None]})  # adapters are never fetched
+    api_token: str | None = None  # for private hub adapters; nothing is fetched, so it is ignored
+    do_sample: bool = False
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    ignore_eos_token: bool = False
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    return_full_text: bool = False
+    stop: StopStrings = []
+    seed: int | None = Field(None, ge=0, le=MAX_LORAX_SEED)
+    temperature: float | None = Field(None, gt=0.0, le=100.0)
+    top_k: int | None = Field(None, gt=0, le=MAX_INT32)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    truncate: int | None = Field(None, gt=0, le=MAX_INT32)  # keep only the last `truncate` prompt tokens
+    details: bool = False
+    decoder_input_details: bool = False
+    return_k_alternatives: int | None = Field(None, ge=1, le=MAX_LOGPROBS)
+    speculative: bool = True  # false: no speculative decoding for this request
+
+    @field_validator("adapter_source")
+    @classmethod
+    def check_adapter_source(cls, source: str) -> str:
+        if source != "local":
+            raise ValueError(f"this server has no adapter source {source!r}: it serves only adapters uploaded to "
+                             "it (POST /v1/adapters), so adapter_source must be 'local' or unset")
+        return source
+
+    @property
+    def sampling(self) -> bool:
+        """Like TGI: any setting that reshapes the distribution turns sampling on."""
+        return (self.do_sample or self.temperature not in (None, 1.0) or self.top_k is not None
+                or self.top_p not in (None, 1.0))
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """Always with logprobs: every LoRAX token carries its own."""
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=(self.temperature or 1.0) if self.sampling else 0.0,
+            top_k=self.top_k or 0, top_p=self.top_p or 1.0, repetition_penalty=self.repetition_penalty,
+            seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos_token,
+            logprobs=self.return_k_alternatives or 0, speculative=self.speculative)
+
+
+class GenerateRequest(RequestSchema):
+    """POST /, /generate and /generate_stream."""
+
+    inputs: str
+    parameters: GenerateParameters = GenerateParameters()
+    stream: bool = False

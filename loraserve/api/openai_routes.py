@@ -1,0 +1,146 @@
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions and /v1/models (adapters included).
+
+Each POST endpoint has a JSON and an SSE form; both take the same dependency, which validates the body and
+submits its requests before either answers, and aborts what still runs once the HTTP request is over.
+"""
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.sse import ServerSentEvent
+
+from loraserve.api.errors import InvalidRequestError
+from loraserve.api.generation import (Generation, engine_of, new_request_id, select_adapter, submit, tokenize,
+                                   tokenize_chat, unless_disconnected)
+from loraserve.api.openai_format import OpenAIJob, chat_logprobs, completion_logprobs, openai_chunks
+from loraserve.api.openai_schemas import ChatCompletionRequest, CompletionRequest
+from loraserve.api.openapi import OPENAI_GENERATION_ERRORS
+from loraserve.api.streaming import add_stream_switch_route, sse_events
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.engine.outputs import RequestOutput
+from loraserve.model.tokenizer import Tokenizer
+
+router = APIRouter()
+
+
+async def submitted_completion(body: CompletionRequest,
+                               engine: AsyncEngine = Depends(engine_of)) -> AsyncIterator[OpenAIJob]:
+    """Every prompt n times, choice i of a prompt seeded with seed + i."""
+    prompts = body.prompts()
+    if not prompts:
+        raise InvalidRequestError("the prompt is empty", "prompt")
+    engine.check_capacity(len(prompts) * body.n)  # before tokenizing a batch that could never run
+    token_ids = [await tokenize(engine, p) if isinstance(p, str) else p for p in prompts]
+    params = [body.sampling_params(body.max_tokens, body.logprobs, i) for _ in prompts for i in range(body.n)]
+    request_id = new_request_id("cmpl")
+    adapter = await select_adapter(engine, body.model, "model")
+    with submit(engine, [ids for ids in token_ids for _ in range(body.n)], params, request_id,
+                adapter) as submission:
+        # Decoded once submitted: the engine has checked that the token ids are few and in the vocabulary.
+        echo_texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if body.echo else []
+        yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,
+                        body.logprobs, echo_texts)
+
+
+async def submitted_chat(body: ChatCompletionRequest,
+                         engine: AsyncEngine = Depends(engine_of)) -> AsyncIterator[OpenAIJob]:
+    """The conversation through the model's chat template, answered n times."""
+    prompt = await tokenize_chat(engine, [message.as_template_input() for message in body.messages])
+    max_tokens = body.token_limit or max(1, engine.max_model_len - len(prompt))
+    params = [body.sampling_params(max_tokens, body.logprobs_count, i) for i in range(body.n)]
+    request_id = new_request_id("chatcmpl")
+    adapter = await select_adapter(engine, body.model, "model")
+    with submit(engine, [prompt] * body.n, params, request_id, adapter) as submission:
+        yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,
+                        body.logprobs_count)
+
+
+def completion_choice(job: OpenAIJob, index: int, generation: Generation, tokenizer: Tokenizer) -> dict:
+    echo = job.echo_text(index)
+    logprobs = None if job.logprobs is None else completion_logprobs(generation.logprobs, tokenizer, len(echo))
+    return {"index": index, "text": echo + generation.text, "logprobs": logprobs,
+            "finish_reason": generation.finish_reason}
+
+
+def chat_choice(job: OpenAIJob, index: int, generation: Generation, tokenizer: Tokenizer) -> dict:
+    logprobs = None if job.logprobs is None else chat_logprobs(generation.logprobs, tokenizer)
+    return {"index": index, "message": {"role": "assistant", "content": generation.text}, "logprobs": logprobs,
+            "finish_reason": generation.finish_reason}
+
+
+ChoiceBuilder = Callable[[OpenAIJob, int, Generation, Tokenizer], dict]
+
+
+async def answer(request: Request, job: OpenAIJob, object_name: str, choice_of: ChoiceBuilder) -> dict:
+    """Wait for every choice (aborting if the client leaves first) and build the whole response."""
+    generations = await unless_disconnected(request, job.submission.collect())
+    tokenizer = engine_of(request).tokenizer
+    choices = [choice_of(job, index, generation, tokenizer) for index, generation in enumerate(generations)]
+    usage = job.usage(sum(len(g.token_ids) for g in generations), [g.num_cached_tokens for g in generations])
+    return job.envelope(object_name, choices, usage)
+
+
+async def create_completion(request: Request, job: OpenAIJob = Depends(submitted_completion)) -> dict:
+    return await answer(request, job, "text_completion", completion_choice)
+
+
+async def create_chat_completion(request: Request, job: OpenAIJob = Depends(submitted_chat)) -> dict:
+    return await answer(request, job, "chat.completion", chat_choice)
+
+
+async def stream_completion(request: Request,
+                            job: OpenAIJob = Depends(submitted_completion)) -> AsyncIterator[ServerSentEvent]:
+    """Echoed prompts first (when asked), then each output's text; the last one carries finish_reason."""
+    tokenizer = engine_of(request).tokenizer
+    num_choices = len(job.submission.streams)
+    text_lengths = [len(job.echo_text(index)) for index in range(num_choices)]
+
+    def choices_of(index: int, output: RequestOutput) -> list[dict]:
+        logprobs = None if job.logprobs is None else completion_logprobs(output.logprobs, tokenizer,
+                                                                         text_lengths[index])
+        text_lengths[index] += len(output.text)
+        return [{"index": index, "text": output.text, "logprobs": logprobs, "finish_reason": output.finish_reason}]
+
+    opening = [{"index": index, "text": job.echo_text(index), "logprobs": None, "finish_reason": None}
+               for index in range(num_choices) if job.echo_texts]
+    async for event in sse_events(openai_chunks(job, "text_completion", opening, choices_of), openai=True):
+        yield event
+
+
+async def stream_chat_completion(request: Request,
+                                 job: OpenAIJob = Depends(submitted_chat)) -> AsyncIterator[ServerSentEvent]:
+    """A role delta per choice, then content deltas, then a chunk with each choice's finish_reason."""
+    tokenizer = engine_of(request).tokenizer
+
+    def choice(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def choices_of(index: int, output: RequestOutput) -> list[dict]:
+        choices = []
+        if output.text or (job.logprobs is not None and output.logprobs):
+            logprobs = None if job.logprobs is None else chat_logprobs(output.logprobs, tokenizer)
+            choices.append(choice(index, {"content": output.text}, logprobs))
+        if output.finished:
+            choices.append(choice(index, {}, finish_reason=output.finish_reason))
+        return choices
+
+    opening = [choice(index, {"role": "assistant", "content": ""}) for index in range(len(job.submission.streams))]
+    async for event in sse_events(openai_chunks(job, "chat.completion.chunk", opening, choices_of), openai=True):
+        yield event
+
+
+def model_object(engine: AsyncEngine, name: str, parent: str | None, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "loraserve", "root": name,
+            "parent": parent, "max_model_len": engine.max_model_len}
+
+
+@router.get("/v1/models")
+async def list_models(engine: AsyncEngine = Depends(engine_of)) -> dict:
+    """The base model, then each adapter as a model whose parent is the base."""
+    adapters = [model_object(engine, record.name, engine.model_name, int(record.created_at))
+                for record in engine.adapters.records()]
+    return {"object": "list", "data": [model_object(engine, engine.model_name, None, 0), *adapters]}
+
+
+add_stream_switch_route(router, "/v1/completions", create_completion, stream_completion, OPENAI_GENERATION_ERRORS)
+add_stream_switch_route(router, "/v1/chat/completions", create_chat_completion, stream_chat_completion,
+                        OPENAI_GENERATION_ERRORS)

@@ -1,0 +1,121 @@
+"""Request bodies of the OpenAI-compatible endpoints; ranges are checked here so the engine sees sane values.
+
+Responses are plain dicts built in `openai_format.py`.
+"""
+from typing import ClassVar, Literal, TypeVar
+
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+
+from loraserve.api.common_schema import (MAX_CHOICES, MAX_INT32, MAX_INT64, MAX_LOGPROBS, MAX_STOP_SEQUENCES, MIN_INT64,
+                                      RequestSchema, StopString, StopStrings, StrictSchema, TokenId, stop_list)
+from loraserve.engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+# A list stops at its first bad item: a union tries each form of `prompt`, and a million token ids checked as
+# strings would otherwise make a million errors, on the event loop.
+FailFast = Annotated[T, Field(fail_fast=True)]
+
+
+class StreamOptions(StrictSchema):
+    include_usage: bool = False
+
+
+class SamplingRequest(RequestSchema):
+    """What both OpenAI endpoints accept besides the prompt; vLLM's extras (top_k, min_p, ...) included."""
+
+    unsupported: ClassVar[dict[str, tuple]] = {
+        "logit_bias": (None, {}), "suffix": (None, ""), "best_of": (None, 1), "tools": (None, []),
+        "functions": (None, []), "response_format": (None, {"type": "text"})}
+
+    model: str | None = None
+    user: str | None = None  # OpenAI's end-user id, for the caller's own tracking: it changes no output
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, le=MAX_INT32)  # 0 or -1 (vLLM's spelling): off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=MIN_INT64, le=MAX_INT64)
+    stop: StopString | StopStrings = []
+    stop_token_ids: list[TokenId] = Field([], max_length=MAX_STOP_SEQUENCES)
+    ignore_eos: bool = False
+    speculative: bool = True  # false: no speculative decoding for this request
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def check_stop(cls, stop: str | list[str]) -> list[str]:
+        return stop_list(stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+        """The engine's settings for the `index`-th choice; a seeded request gives choice i the seed + i."""
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
+            min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + index,
+            stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            speculative=self.speculative)
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions: the prompt is text, token ids, or a batch of either."""
+
+    prompt: str | FailFast[list[str]] | FailFast[list[TokenId]] | FailFast[list[FailFast[list[TokenId]]]]
+    max_tokens: int = Field(16, ge=1, le=MAX_INT32)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts, each as text or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TextPart(StrictSchema):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictSchema):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        """The role and the plain text the chat template expects; text parts are joined."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": self.role, "content": content}
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions: without a token limit, the answer may fill the rest of the context."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def top_logprobs_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def logprobs_count(self) -> int | None:
+        """How many alternatives the engine reports per token; None asks for no logprobs at all."""
+        return (self.top_logprobs or 0) if self.logprobs else None

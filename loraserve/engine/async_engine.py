@@ -1,0 +1,244 @@
+"""Drives the engine from asyncio: requests arrive and leave while a background task steps the model.
+
+Only the background task touches the engine's scheduler state; `submit` and `abort` queue their changes and
+the task applies them between steps. Each step runs on one dedicated worker thread, so the event loop keeps
+serving HTTP, and the math library's thread pool stays bound to a single caller rather than one per worker.
+"""
+import asyncio
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.adapters.registry import AdapterRef
+from loraserve.config import ServerConfig
+from loraserve.engine.engine import LLMEngine
+from loraserve.engine.errors import EngineDeadError, QueueFullError, RequestValidationError, ShuttingDownError
+from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.sampling_params import SamplingParams
+from loraserve.metrics import Metrics
+from loraserve.model.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+
+OutputQueue = asyncio.Queue[tuple[int, "RequestOutput | Exception"]]
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator; the last one has `finished` set, and a failure is raised.
+
+    Several requests can share one queue (the requests behind one HTTP request): each item comes tagged with its
+    stream's `index`, and whoever reads the queue, not the streams, tells them apart.
+    """
+
+    def __init__(self, request_id: str, num_prompt_tokens: int, on_abort: Callable[[str], None],
+                 outputs: OutputQueue | None = None, index: int = 0) -> None:
+        self.request_id = request_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.index = index
+        self.finished = False  # the engine sent its last output (or an error): nothing left to abort
+        self._outputs: OutputQueue = outputs if outputs is not None else asyncio.Queue()
+        self._read_all = False
+        self._on_abort = on_abort
+
+    def put(self, item: "RequestOutput | Exception") -> None:
+        self.finished = isinstance(item, Exception) or item.finished
+        self._outputs.put_nowait((self.index, item))
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        """For a stream with a queue of its own."""
+        if self._read_all:
+            raise StopAsyncIteration
+        _, item = await self._outputs.get()
+        self._read_all = isinstance(item, Exception) or item.finished
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def abort(self) -> None:
+        """Stop the request if it still runs (the client left); safe to call more than once."""
+        if not self.finished:
+            self.finished = True
+            self._on_abort(self.request_id)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class AsyncEngine:
+    """The engine as the HTTP layer sees it: submit a request, iterate its outputs, abort it."""
+
+    def __init__(self, engine: LLMEngine, model_name: str, max_queue: int) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.max_model_len = engine.max_model_len
+        self.device = str(engine.runner.device)
+        self.dtype = str(engine.runner.dtype).removeprefix("torch.")
+        self.max_queue = max_queue
+        self.adapters = engine.adapters
+        self.healthy = True
+        self.draining = False  # set once shutdown begins: new requests are refused
+        self.on_dead: Callable[[], None] | None = None  # called once if the engine stops for good
+        self._streams: dict[str, RequestStream] = {}
+        self._pending_adds: list[tuple[str, list[int], SamplingParams, AdapterRef | None]] = []
+        self._pending_aborts: list[str] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraserve-step")
+
+    @classmethod
+    def from_config(cls, config: ServerConfig, metrics: Metrics) -> "AsyncEngine":
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        loaded = load_model(config.model, device, dtype)
+        draft = load_model(config.draft_model, device, dtype) if config.draft_model else None
+        engine = LLMEngine(loaded, config, metrics, draft)
+        return cls(engine, config.served_model_name or loaded.name, config.max_queue)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="loraserve-engine")
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests, give running ones `timeout` seconds to finish, then end the rest with an error
+        their streams report, so each client sees a clean end rather than a cut connection."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._streams and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._streams:
+            logger.warning("shutdown: aborting %d requests still running after %.1f s", len(self._streams), timeout)
+        for request_id, stream in list(self._streams.items()):
+            stream.put(ShuttingDownError("the server is shutting down; the request was stopped"))
+            self._abort(request_id)
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._step_thread.shutdown(wait=True)
+        self._fail_all(EngineDeadError("the server is shutting down"))
+
+    async def prepare_adapter(self, name: str) -> AdapterRef:
+        """The latest version of adapter `name`, pinned and loaded into memory; other requests run on while it
+        loads. The caller unpins it (`loraserve.adapters.unpin`) once its requests are submitted, since each submitted
+        request holds a pin of its own. Raises AdapterNotFoundError for an unknown name."""
+        reference = self.adapters.resolve(name)
+        try:
+            await asyncio.to_thread(self.adapters.ensure_loaded, reference)
+        except BaseException:
+            self.adapters.unpin(reference)
+            raise
+        return reference
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+               adapter: AdapterRef | None = None, outputs: OutputQueue | None = None, index: int = 0
+               ) -> RequestStream:
+        """Queue a request; raises RequestValidationError, QueueFullError or EngineDeadError at once. Its outputs
+        go to `outputs`, tagged with `index`, when given (see RequestStream)."""
+        if not self.healthy:
+            raise EngineDeadError("the engine stopped after an internal error")
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down; send the request to another replica")
+        self.engine.validate(prompt_token_ids, params)
+        if len(self.engine.scheduler.waiting) + len(self._pending_adds) >= self.max_queue:
+            raise QueueFullError(f"{self.max_queue} requests are already waiting; try again later")
+        request_id = request_id or uuid.uuid4().hex
+        if adapter is not None:
+            self.adapters.pin(adapter)  # now, not when the loop adds it: the caller's own pin may go first
+        stream = RequestStream(request_id, len(prompt_token_ids), self._abort, outputs, index)
+        self._streams[request_id] = stream
+        self._pending_adds.append((request_id, list(prompt_token_ids), params, adapter))
+        self._wakeup.set()
+        return stream
+
+    def check_capacity(self, count: int) -> None:
+        """Refuse, before any is submitted, a batch of `count` requests that can never be queued (a
+        RequestValidationError: retrying cannot help) or that does not fit the queue now (QueueFullError)."""
+        if count > self.max_queue:
+            raise RequestValidationError(f"this request asks for {count} completions (prompts times n); this "
+                                         f"server queues at most {self.max_queue} at once: split it")
+        waiting = len(self.engine.scheduler.waiting) + len(self._pending_adds)
+        if waiting + count > self.max_queue:
+            raise QueueFullError(f"{waiting} of {self.max_queue} queue places are taken and this request needs "
+                                 f"{count}; try again later")
+
+    def stats(self) -> EngineStats:
+        block_manager = self.engine.block_manager
+        return EngineStats(len(self.engine.scheduler.running),
+                           len(self.engine.scheduler.waiting) + len(self._pending_adds),
+                           block_manager.num_free_blocks, block_manager.num_blocks)
+
+    def _abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self._pending_aborts.append(request_id)
+            self._wakeup.set()
+
+    def _apply_pending(self) -> None:
+        adds, self._pending_adds = self._pending_adds, []
+        for request_id, prompt, params, adapter in adds:
+            try:
+                self.engine.add_request(request_id, prompt, params, adapter)
+            except Exception as error:  # reported to its own request, never to the loop
+                if adapter is not None:
+                    self.adapters.unpin(adapter)
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    stream.put(error)
+        aborts, self._pending_aborts = self._pending_aborts, []
+        for request_id in aborts:
+            self.engine.abort_request(request_id)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._apply_pending()
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.clear()
+                continue
+            try:
+                loop = asyncio.get_running_loop()
+                outputs = await loop.run_in_executor(self._step_thread, self.engine.step)
+            except Exception as error:  # the step could not isolate it: the device or the model is broken
+                logger.exception("engine step failed beyond any one request; the engine stops")
+                self.healthy = False
+                self._fail_all(EngineDeadError(f"the engine failed ({type(error).__name__}); the server restarts"))
+                if self.on_dead is not None:
+                    self.on_dead()
+                return
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    stream.put(output.error if output.error is not None else output)
+                if output.finished:
+                    self._streams.pop(output.request_id, None)
+
+    def _fail_all(self, error: Exception) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.put(error)

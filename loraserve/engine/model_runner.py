@@ -1,0 +1,107 @@
+"""Turns a scheduled batch into flat tensors, runs the model over the paged KV cache, returns logits."""
+import torch
+
+from loraserve.kernels.attention import AttentionMetadata
+from loraserve.kernels.lora import LoraMapping, LoraWeights
+from loraserve.engine.cuda_graphs import DecodeGraphs
+from loraserve.engine.scheduler import ScheduledBatch
+from loraserve.engine.sequence import Sequence
+from loraserve.model.config import ModelConfig
+from loraserve.model.llama import LlamaModel
+
+
+def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one KV block takes across all layers (keys and values)."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element_size
+    return per_token * block_size
+
+
+class ModelRunner:
+    """Owns the model and its KV cache, and reads the adapter slots the registry fills; one call per step."""
+
+    def __init__(self, model: LlamaModel, config: ModelConfig, num_blocks: int, block_size: int,
+                 lora_weights: list[dict[str, LoraWeights]]) -> None:
+        self.model = model
+        self.lora_weights = lora_weights
+        self.block_size = block_size
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        # Zeroed, not empty: masked-out garbage could hold NaN, and NaN times a zero weight is still NaN.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture decode steps of up to `max_num_seqs` sequences as CUDA graphs; later decode-only steps that
+        fit replay them."""
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.lora_weights, max_num_seqs, max_model_len,
+                              self.block_size)
+        graphs.capture()
+        self.graphs = graphs
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Compute the batch's new tokens. Return the logits of the sequences whose chunk reaches their last
+        token (they sample next), and those sequences' indices in the batch. Such a sequence gets a row for each
+        new position from its last verified token on, in order: the logits that verify its drafts, then the
+        one after them (a single row without drafts)."""
+        input_ids, positions, metadata, query_ends = self._prepare(batch)
+        token_slots = [sequence.lora_slot for sequence, num_new in zip(batch.sequences, batch.num_new_tokens)
+                       for _ in range(num_new)]
+        if self.graphs is not None and self.graphs.fits(batch.num_new_tokens):
+            hidden = self.graphs.run(input_ids, positions, metadata, token_slots)
+        else:
+            lora = LoraMapping.from_token_slots(token_slots, self.device)
+            hidden = self.model(input_ids, positions, metadata, self.kv_caches, self.lora_weights, lora)
+        sampling = [
+            index for index, (sequence, num_new) in enumerate(zip(batch.sequences, batch.num_new_tokens))
+            if sequence.num_computed_tokens + num_new == sequence.num_tokens + len(sequence.draft_token_ids)
+        ]
+        rows = [row for index in sampling
+                for row in range(query_ends[index] - self._num_sampled_rows(batch.sequences[index],
+                                                                            batch.num_new_tokens[index]),
+                                 query_ends[index])]
+        rows_tensor = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows_tensor)), sampling
+
+    @staticmethod
+    def _num_sampled_rows(sequence: Sequence, num_new: int) -> int:
+        """New positions from the last verified token on: 1 + drafts in a verification step, 1 otherwise (a
+        draft model computing its newest draft included)."""
+        end = sequence.num_computed_tokens + num_new
+        return end - max(sequence.num_computed_tokens, sequence.num_tokens - 1)
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        query_start = [0]
+        for sequence, num_new in zip(batch.sequences, batch.num_new_tokens):
+            start, end = sequence.num_computed_tokens, sequence.num_computed_tokens + num_new
+            tokens.extend(sequence.tokens_between(start, end))
+            positions.extend(range(start, end))
+            table = sequence.block_table
+            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
+                         for p in range(start, end))
+            seq_lens.append(end)
+            query_start.append(query_start[-1] + num_new)
+        max_blocks = max(len(sequence.block_table) for sequence in batch.sequences)
+        tables = [sequence.block_table + [0] * (max_blocks - len(sequence.block_table))
+                  for sequence in batch.sequences]
+        device = self.device
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+        )
+        return (torch.tensor(tokens, dtype=torch.int64, device=device),
+                torch.tensor(positions, dtype=torch.int64, device=device), metadata, query_start[1:])

@@ -1,0 +1,91 @@
+"""One request's state as it moves through the engine."""
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from loraserve.adapters.registry import AdapterRef
+from loraserve.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass
+class DetokenizerState:
+    """Offsets of incremental detokenization: text is decoded from `prefix_offset` to spare re-decoding it all."""
+
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text: str = ""  # all output text decoded so far
+    sent_length: int = 0  # how much of `text` has been reported to the caller
+
+
+@dataclass
+class Sequence:
+    """A request: its tokens (prompt then output), how many have KV in the cache, and its cache blocks.
+
+    Prefill and decode are one thing: each step computes some of the tokens not yet in the cache; when the
+    cache holds them all, the last position's logits give the next token.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    generator: torch.Generator
+    adapter: AdapterRef | None = None
+    lora_slot: int = -1  # the adapter's slot while this request holds one
+    overtaken_steps: int = 0  # steps in which later requests were admitted while it waited for its adapter
+    arrival_time: float = field(default_factory=time.monotonic)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
+    block_table: list[int] = field(default_factory=list)
+    block_digests: list[bytes] = field(default_factory=list)  # prefix-cache chain of the leading full blocks
+    # Speculative decoding: tokens proposed for this step, verified by the target model before they count, and
+    # the proposer's distribution over each ([num_drafts, vocab]; None when drafts were picked deterministically).
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probabilities: torch.Tensor | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    detokenizer: DetokenizerState = field(default_factory=DetokenizerState)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens the next step must compute to catch up, draft tokens included."""
+        return len(self.token_ids) + len(self.draft_token_ids) - self.num_computed_tokens
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """Token ids at positions [start, end), reading on into the draft tokens past the verified ones."""
+        verified = len(self.token_ids)
+        return self.token_ids[start:end] + self.draft_token_ids[max(0, start - verified):max(0, end - verified)]
+
+    def truncate_drafts(self, count: int = 0) -> None:
+        """Keep only the first `count` draft tokens."""
+        del self.draft_token_ids[count:]
+        if self.draft_probabilities is not None:
+            self.draft_probabilities = self.draft_probabilities[:count] if count else None
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,74 @@
+"""What an engine is built from, decided once at start-up: the KV cache's size, the proposer, and what adapters
+must fit and where they live."""
+import logging
+from pathlib import Path
+
+import torch
+
+from loraserve.adapters.format import BaseModelShape
+from loraserve.adapters.scratch import ScratchAdapterDirectory, remove_abandoned
+from loraserve.adapters.slot_pool import page_bytes
+from loraserve.config import ServerConfig
+from loraserve.engine.draft_proposer import DraftModelProposer
+from loraserve.engine.model_runner import kv_block_bytes
+from loraserve.engine.proposers import NgramProposer, Proposer
+from loraserve.model.config import ModelConfig
+from loraserve.model.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+def kv_cache_blocks(config: ServerConfig, models: list[LoadedModel]) -> tuple[int, int]:
+    """How many KV blocks each model's cache gets (a draft model's cache has as many as the target's, out of
+    the same --kv-cache-memory), and the bytes one block takes in all of them together."""
+    block_bytes = sum(kv_block_bytes(loaded.config, config.block_size, next(loaded.model.parameters()).dtype)
+                      for loaded in models)
+    num_blocks = config.num_kv_blocks or config.kv_cache_memory // block_bytes
+    if num_blocks < 1:
+        raise ValueError(f"the KV cache holds no block: one block takes {block_bytes} bytes")
+    return num_blocks, block_bytes
+
+
+def make_proposer(config: ServerConfig, target: ModelConfig, draft: LoadedModel | None, num_blocks: int
+                  ) -> Proposer | None:
+    """The draft model when one is given, else prompt lookup; None when speculation is off (no --spec-tokens)."""
+    if config.spec_tokens == 0:
+        if draft is not None:
+            raise ValueError("a draft model needs --spec-tokens: how many tokens it proposes per step")
+        return None
+    if draft is None:
+        return NgramProposer(config.spec_ngram_min, config.spec_ngram_max)
+    if draft.config.vocab_size != target.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the "
+                         f"target's ({target.vocab_size}): it must share the target's tokenizer")
+    return DraftModelProposer(draft, num_blocks, config.block_size, config.max_num_batched_tokens)
+
+
+def adapter_base_shape(config: ModelConfig) -> BaseModelShape:
+    """What every adapter must fit: the projections' shapes and the layer count."""
+    return BaseModelShape.for_llama(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
+                                    config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+
+
+def adapter_pages(config: ServerConfig, base: BaseModelShape, dtype: torch.dtype) -> int:
+    """Pages of the resident adapters' pool: what --adapter-memory holds, and no more than --max-loras adapters of
+    the largest rank could use."""
+    size = page_bytes(base, dtype)
+    num_pages = min(config.adapter_memory // size, config.max_loras * config.max_lora_rank)
+    if num_pages < config.max_lora_rank:
+        raise ValueError(f"--adapter-memory holds {num_pages} pages of {size} bytes; one adapter of rank "
+                         f"{config.max_lora_rank} (--max-lora-rank) needs {config.max_lora_rank}")
+    logger.info("adapter pool: %d pages of %.1f KiB (%.1f MiB): %d adapters of rank 16 resident at once", num_pages,
+                size / 1024, num_pages * size / 2**20, min(config.max_loras, num_pages // 16))
+    return num_pages
+
+
+def adapter_directory(config: ServerConfig) -> tuple[Path, ScratchAdapterDirectory | None]:
+    """`--adapter-dir`, or a temporary directory (returned too: it is removed once nothing holds it). Temporary
+    directories that killed servers left behind are removed first."""
+    if config.adapter_dir is not None:
+        return Path(config.adapter_dir), None
+    remove_abandoned()
+    scratch = ScratchAdapterDirectory()
+    logger.warning("no --adapter-dir: uploaded adapters go to %s and do not survive a restart", scratch.path)
+    return scratch.path, scratch

@@ -1,0 +1,218 @@
+"""LoRA for a batch where every token may use a different adapter: y += (x A_i^T) (s_i B_i)^T.
+
+Adapter weights live in pages: a page holds one rank component of one adapter (its A row for each slice of a
+fused projection, and the matching B column, scaled), so adapters of any rank share one pool with no padding, and
+a slot (a resident adapter) is the list of its pages. Tokens are grouped by slot once per step (`LoraMapping`).
+`add_lora` dispatches: grouped Triton kernels on CUDA; on the CPU, matrix products for large groups and one
+compiled gather-and-reduce for the rest (`cpu_lora.py`); the per-slot reference here is what both are tested
+against.
+"""
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from loraserve.kernels.cpu_lora import COMPILED, GROUP_MATMUL_WORK, RANK_BUCKETS
+
+
+@dataclass
+class LoraWeights:
+    """One projection's adapter pages, and the page table every projection shares."""
+
+    lora_a: torch.Tensor  # [num_pages, num_slices, in_features]: slice i's A row of the page's rank component
+    lora_b: torch.Tensor  # [num_pages, out_features]: slice i's B column in slice i's own columns, times the scale
+    slot_pages: torch.Tensor  # [num_slots, max_rank] int64: rank component j of a slot is page slot_pages[slot, j]
+    slice_sizes: list[int]  # output columns of each slice, in order (q, k, v), (gate, up) or one
+    ranks: list[int]  # each slot's rank in this projection: 0 if empty or not adapted here
+
+    @property
+    def max_rank(self) -> int:
+        return self.slot_pages.shape[1]
+
+    def largest_rank(self, slots: list[int]) -> int:
+        """The largest rank among `slots`: kernels read no more pages than this per token."""
+        return max(self.ranks[slot] for slot in slots)
+
+    @cached_property
+    def slice_bounds(self) -> list[tuple[int, int]]:
+        """Each slice's output columns, [start, end)."""
+        ends = [sum(self.slice_sizes[:index + 1]) for index in range(len(self.slice_sizes))]
+        return list(zip([0] + ends[:-1], ends))
+
+    @cached_property
+    def slice_ends(self) -> torch.Tensor:
+        """[num_slices] int32 on the weights' device: cumulative slice sizes, made once for the kernels."""
+        return torch.tensor(self.slice_sizes, dtype=torch.int32).cumsum(0).int().to(self.lora_b.device)
+
+
+@dataclass
+class LoraMapping:
+    """Which tokens of the flat batch use which slot; tokens with no adapter are in no group."""
+
+    groups: list[tuple[int, torch.Tensor]]  # (slot, row indices of its tokens), one entry per active slot
+
+    @classmethod
+    def from_token_slots(cls, token_slots: list[int], device: torch.device) -> "LoraMapping":
+        """token_slots: one slot per token, -1 for none."""
+        rows_by_slot: dict[int, list[int]] = {}
+        for row, slot in enumerate(token_slots):
+            if slot >= 0:
+                rows_by_slot.setdefault(slot, []).append(row)
+        groups = [(slot, torch.tensor(rows, dtype=torch.int64, device=device))
+                  for slot, rows in sorted(rows_by_slot.items())]
+        return cls(groups)
+
+    @property
+    def empty(self) -> bool:
+        return not self.groups
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def max_group_len(self) -> int:
+        return max(rows.shape[0] for _, rows in self.groups)
+
+    @cached_property
+    def tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token with an adapter, once per step: its row, and its slot (int64), sorted by slot."""
+        rows = torch.cat([rows for _, rows in self.groups])
+        slots = torch.cat([torch.full_like(rows, slot) for slot, rows in self.groups])
+        return rows, slots
+
+    @cached_property
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The groups flattened once per step for the kernels: token rows sorted by group, group start offsets
+        into them ([num_groups + 1] int32) and each group's slot ([num_groups] int32)."""
+        device = self.groups[0][1].device
+        sorted_rows = torch.cat([rows for _, rows in self.groups])
+        starts = torch.tensor([0] + [rows.shape[0] for _, rows in self.groups]).cumsum(0).int().to(device)
+        slots = torch.tensor([slot for slot, _ in self.groups], dtype=torch.int32).to(device)
+        return sorted_rows, starts, slots
+
+
+@dataclass
+class PaddedLoraMapping:
+    """The kernels' packed mapping at fixed shapes, for CUDA graphs: room for `capacity` tokens and as many groups
+    (empty ones at the end). A graph captured over it reads whatever `fill` last wrote into its tensors."""
+
+    sorted_rows: torch.Tensor  # [capacity] int64: token rows sorted by slot; only the first group_starts[-1] count
+    group_starts: torch.Tensor  # [capacity + 1] int32
+    group_slots: torch.Tensor  # [capacity] int32
+    empty = False  # not a field: a graph runs the LoRA kernels whether or not a step uses adapters
+
+    @classmethod
+    def allocate(cls, capacity: int, device: torch.device) -> "PaddedLoraMapping":
+        return cls(torch.zeros(capacity, dtype=torch.int64, device=device),
+                   torch.zeros(capacity + 1, dtype=torch.int32, device=device),
+                   torch.zeros(capacity, dtype=torch.int32, device=device))
+
+    def prefix(self, capacity: int) -> "PaddedLoraMapping":
+        """The same tensors seen with room for fewer tokens and groups (a smaller graph's view)."""
+        return PaddedLoraMapping(self.sorted_rows[:capacity], self.group_starts[:capacity + 1],
+                                 self.group_slots[:capacity])
+
+    def fill(self, token_slots: list[int]) -> None:
+        """Point the groups at the tokens of a new step (one slot per token, -1 for none); the groups past the
+        step's distinct slots are left empty."""
+        rows = sorted((slot, row) for row, slot in enumerate(token_slots) if slot >= 0)
+        slots = sorted({slot for slot, _ in rows})
+        counts = [sum(1 for slot, _ in rows if slot == group_slot) for group_slot in slots]
+        starts = torch.tensor([0] + counts).cumsum(0)
+        self.group_starts.copy_(torch.cat([starts, starts[-1:].expand(self.num_groups - len(slots))]))
+        self.group_slots[:len(slots)].copy_(torch.tensor(slots, dtype=torch.int32))
+        if rows:
+            self.sorted_rows[:len(rows)].copy_(torch.tensor([row for _, row in rows]))
+
+    @property
+    def num_groups(self) -> int:
+        return self.group_slots.shape[0]
+
+    @property
+    def max_group_len(self) -> int:
+        return self.sorted_rows.shape[0]
+
+    @property
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.sorted_rows, self.group_starts, self.group_slots
+
+
+def add_lora(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights,
+             mapping: LoraMapping | PaddedLoraMapping) -> None:
+    """Add every token's adapter delta to output [num_tokens, out_features] in place; x is [num_tokens, in]. A
+    padded mapping (CUDA graphs) only ever reaches the Triton path."""
+    if output.is_cuda:
+        # Imported here so the CPU server never needs a working Triton.
+        from loraserve.kernels.triton_lora import add_lora_triton
+        add_lora_triton(output, x, weights, mapping)
+    else:
+        add_lora_cpu(output, x, weights, mapping)
+
+
+def prepare_cpu_lora(projections: list[LoraWeights]) -> None:
+    """Start compiling the CPU kernel in the background, for these projections' shapes (one layer's), with one
+    token and several, at their largest rank and a small one."""
+    def warm_up(add_gathered: Callable[..., None]) -> None:
+        for weights in projections:
+            for num_tokens in (1, 3):
+                rows = torch.arange(num_tokens)
+                x = torch.zeros(num_tokens, weights.lora_a.shape[2], dtype=weights.lora_a.dtype)
+                output = torch.zeros(num_tokens, weights.lora_b.shape[1], dtype=weights.lora_b.dtype)
+                for rank in (weights.max_rank, 2):
+                    add_gathered(output, x, rows, rows * 0, weights.lora_a, weights.lora_b, weights.slot_pages,
+                                 weights.slice_bounds, rank)
+    COMPILED.start(warm_up)
+
+
+def add_lora_cpu(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
+    """Small groups gathered in one compiled call per rank bucket, when a bucket has several; large ones (prefill
+    chunks, or a few tokens at a large rank), or all of them when nothing could be compiled, by matrix products."""
+    buckets: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    large = []
+    gather = COMPILED.get() is not None
+    for slot, rows in mapping.groups:
+        rank = weights.ranks[slot]
+        if gather and rows.shape[0] * rank < GROUP_MATMUL_WORK:
+            bucket = next((limit for limit in RANK_BUCKETS if rank <= limit), weights.max_rank)
+            buckets.setdefault(bucket, []).append((slot, rows))
+        else:
+            large.append((slot, rows))
+    for groups in buckets.values():
+        if len(groups) == 1:  # one group's matrix products beat a gathered call
+            large += groups
+        else:
+            add_lora_gathered(output, x, weights, LoraMapping(groups))
+    add_groups(output, x, weights, large)
+
+
+def add_lora_gathered(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
+    """Every token's delta from the compiled kernel (`cpu_lora.py`), reading only the largest rank in use."""
+    rank = weights.largest_rank([slot for slot, _ in mapping.groups])
+    if rank == 0:
+        return  # none of these adapters adapts this projection
+    rows, slots = mapping.tokens
+    with torch.inference_mode():
+        COMPILED.get()(output, x, rows, slots, weights.lora_a, weights.lora_b, weights.slot_pages,
+                       weights.slice_bounds, rank)
+
+
+def add_lora_reference(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
+    """Plain torch, one adapter at a time: the reference the other paths are tested against."""
+    add_groups(output, x, weights, mapping.groups)
+
+
+def add_groups(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights,
+               groups: list[tuple[int, torch.Tensor]]) -> None:
+    """Per group: gather its tokens and its pages, shrink per slice, expand into the slice's columns."""
+    for slot, rows in groups:
+        rank = weights.ranks[slot]
+        if rank == 0:
+            continue
+        pages = weights.slot_pages[slot, :rank]
+        lora_a, lora_b = weights.lora_a[pages], weights.lora_b[pages]  # [rank, slices, in], [rank, out]
+        inputs = x.index_select(0, rows)
+        delta = torch.cat([(inputs @ lora_a[:, index].T) @ lora_b[:, start:end]
+                           for index, (start, end) in enumerate(weights.slice_bounds)], dim=1)
+        output.index_add_(0, rows, delta)

@@ -1,0 +1,40 @@
+"""Self-attention of a flat token batch over the paged KV cache."""
+import torch
+from torch import nn
+
+from loraserve.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from loraserve.model.layers.lora import LayerLora, project
+from loraserve.model.layers.rotary import apply_rotary
+
+
+class Attention(nn.Module):
+    """Projects q/k/v in one matmul, rotates q and k, stores k/v in the cache, attends, projects out."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        assert num_heads % num_kv_heads == 0, "query heads must split evenly over key/value heads"
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.query_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
+        # Rows: all query heads, then all key heads, then all value heads.
+        self.qkv_proj = nn.Linear(hidden_size, self.query_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.query_size, hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        metadata: AttentionMetadata,
+        lora: LayerLora | None = None,
+    ) -> torch.Tensor:
+        """hidden [num_tokens, hidden_size] -> [num_tokens, hidden_size]; writes this layer's cache slots."""
+        qkv = project(self.qkv_proj, hidden, lora, "qkv_proj")
+        query, key, value = qkv.split([self.query_size, self.kv_size, self.kv_size], dim=-1)
+        query = apply_rotary(query.view(-1, self.num_heads, self.head_dim), *rope)
+        key = apply_rotary(key.view(-1, self.num_kv_heads, self.head_dim), *rope)
+        value = value.view(-1, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv_cache
+        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        output = paged_attention(query, key_cache, value_cache, metadata, self.scale)
+        return project(self.o_proj, output.reshape(-1, self.query_size), lora, "o_proj")
