@@ -17,4 +17,4 @@ def load_embedded(args: argparse.Namespace) -> LoadedModel:
     args.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     print("loading the embedded model...", file=sys.stderr)
-    return load_model("embedded", device, resolve_dtype("auto", device))
+    return load_model("embedded", device, resolve_dtype("auto"), "auto")

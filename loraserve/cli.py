@@ -24,7 +24,11 @@ HELP = {
     "host": "address to listen on",
     "port": "port to listen on (0 picks a free one; the ready line tells which)",
     "device": "where the model runs; auto picks cuda when available",
-    "dtype": "weight and KV-cache precision; auto is float32 on CPU, bfloat16 on CUDA",
+    "dtype": "activation, float weight and KV-cache precision; auto is bfloat16 on CUDA, and on a CPU with native "
+             "bfloat16 when weights are quantized, else float32 (--dtype float32 is the exact reference path)",
+    "quantization": "weight-only quantization of the layers' projections (CPU): auto serves a GGUF file's Q4_0/Q4_1 "
+                    "layers as int4 as they are (unless --dtype float32); int4 or int8 quantize on load; none "
+                    "dequantizes",
     "block_size": "tokens per KV-cache block",
     "num_kv_blocks": "KV-cache blocks to allocate; overrides --kv-cache-memory",
     "kv_cache_memory": "memory for the KV cache: bytes, or a size such as 512MiB or 2GiB",
@@ -56,7 +60,8 @@ HELP = {
     "shutdown_timeout": "seconds running requests get to finish after SIGTERM before they are stopped; new "
                         "requests get 503 meanwhile",
 }
-CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16")}
+CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "quantization": ("auto", "none", "int4", "int8")}
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
               "t": 2**40, "tib": 2**40}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")

@@ -83,10 +83,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+def resolve_dtype(name: str) -> torch.dtype | None:
+    """None for "auto": the loader chooses from the device and the weights' format."""
+    return None if name == "auto" else getattr(torch, name)
 
 
 class AsyncEngine:
@@ -114,9 +113,9 @@ class AsyncEngine:
     @classmethod
     def from_config(cls, config: ServerConfig, metrics: Metrics) -> "AsyncEngine":
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        loaded = load_model(config.model, device, dtype)
-        draft = load_model(config.draft_model, device, dtype) if config.draft_model else None
+        loaded = load_model(config.model, device, resolve_dtype(config.dtype), config.quantization)
+        dtype = next(loaded.model.parameters()).dtype
+        draft = load_model(config.draft_model, device, dtype, config.quantization) if config.draft_model else None
         engine = LLMEngine(loaded, config, metrics, draft)
         return cls(engine, config.served_model_name or loaded.name, config.max_queue)
 

@@ -1,16 +1,18 @@
-"""Read a llama-architecture GGUF file: config from metadata, weights dequantized to float32, tokenizer rebuilt."""
+"""Read a llama-architecture GGUF file: config from metadata, weights (Q4_0/Q4_1 kept as codes and scales, the
+rest dequantized to float32), tokenizer rebuilt."""
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from loraserve.model.config import ModelConfig
 from loraserve.model.errors import ModelLoadError
 from loraserve.model.gguf_tokenizer import read_gguf_tokenizer
+from loraserve.model.quantization import QuantizedTensor, decode_gguf_q4
 from loraserve.model.weights import Checkpoint
 
 # llama.cpp tensor names -> Hugging Face names (layer parts under "blk.N." map to "layers.N.").
@@ -28,6 +30,7 @@ GGUF_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+FOUR_BIT_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
 
 
 def read_gguf(path: Path) -> Checkpoint:
@@ -37,7 +40,10 @@ def read_gguf(path: Path) -> Checkpoint:
     tensor_names = {tensor.name for tensor in reader.tensors}
     config = gguf_config(metadata, tensor_names)
     tokenizer = read_gguf_tokenizer(metadata, config.eos_token_ids)
-    return Checkpoint(config, tokenizer, stream_tensors(reader.tensors, config), len(reader.tensors))
+    four_bit = all(tensor.tensor_type in FOUR_BIT_TYPES for tensor in reader.tensors if tensor.name.startswith("blk.")
+                   and len(tensor.shape) == 2)
+    return Checkpoint(config, tokenizer, stream_tensors(reader.tensors, config), len(reader.tensors),
+                      4 if four_bit else None)
 
 
 def gguf_config(metadata: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
@@ -82,17 +88,26 @@ def gguf_rope_scaling(metadata: dict[str, Any]) -> dict[str, Any] | None:
     raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported; supported: none, linear")
 
 
-def stream_tensors(tensors: list[ReaderTensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face name, float32 tensor) with Q/K rows put back in rotate-half order."""
+def stream_tensors(tensors: list[ReaderTensor],
+                   config: ModelConfig) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """Yield (Hugging Face name, weight) with Q/K rows put back in rotate-half order: Q4_0 and Q4_1 matrices as
+    their codes and scales, everything else as float32."""
     rope_heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     for tensor in tensors:
         name = hf_name(tensor.name)
-        weight = torch.from_numpy(np.require(dequantize(tensor.data, tensor.tensor_type), requirements="W"))
-        weight = weight.reshape([int(size) for size in reversed(tensor.shape)])  # GGUF lists dims innermost first
+        weight = read_tensor(tensor)
         projection = name.split(".")[-2]
         if projection in rope_heads:
-            weight = unpermute_rope_rows(weight, rope_heads[projection])
+            weight = weight[rope_row_order(weight.shape[0], rope_heads[projection])]
         yield name, weight
+
+
+def read_tensor(tensor: ReaderTensor) -> torch.Tensor | QuantizedTensor:
+    shape = [int(size) for size in reversed(tensor.shape)]  # GGUF lists dims innermost first
+    if tensor.tensor_type in FOUR_BIT_TYPES and len(shape) == 2:
+        return decode_gguf_q4(tensor.data, shape[0], with_minimum=tensor.tensor_type == GGMLQuantizationType.Q4_1)
+    weight = torch.from_numpy(np.require(dequantize(tensor.data, tensor.tensor_type), requirements="W"))
+    return weight.reshape(shape)
 
 
 def hf_name(gguf_name: str) -> str:
@@ -107,9 +122,9 @@ def hf_name(gguf_name: str) -> str:
     return f"{prefix}{GGUF_NAMES[module]}.{kind}"
 
 
-def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+def rope_row_order(rows: int, num_heads: int) -> torch.Tensor:
     """llama.cpp's converter interleaves each head's output rows (x0, x_half, x1, x_half+1, ...) for its
-    adjacent-pair rope; our rotate-half rope wants the first half of the head's rows, then the second."""
-    rows, columns = weight.shape
+    adjacent-pair rope; our rotate-half rope wants the first half of the head's rows, then the second. Returns
+    which stored row goes to each place."""
     pairs = rows // num_heads // 2
-    return weight.reshape(num_heads, pairs, 2, columns).transpose(1, 2).reshape(rows, columns)
+    return torch.arange(rows).reshape(num_heads, pairs, 2).transpose(1, 2).reshape(rows)

@@ -16,14 +16,14 @@ from loraserve.model.layers.rotary import RotaryEmbedding
 class DecoderLayer(nn.Module):
     """Pre-norm attention then pre-norm MLP, each added back to the residual stream."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, weight_bits: int | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(
-            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+            config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim, weight_bits
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, weight_bits)
 
     def forward(
         self,
@@ -39,16 +39,17 @@ class DecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """Token ids in, final-norm hidden states out; `compute_logits` is separate so callers project only the
-    rows they sample from. Parameter names follow Hugging Face's, minus the "model." prefix."""
+    rows they sample from. Parameter names follow Hugging Face's, minus the "model." prefix. With `weight_bits`
+    the layers' projections are weight-only quantized; embeddings, norms and the head stay in float."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, weight_bits: int | None = None) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.weight_bits = config, weight_bits
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, weight_bits) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None
         if not config.tie_word_embeddings:

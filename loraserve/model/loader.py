@@ -11,6 +11,7 @@ from loraserve.model.embedded import EMBEDDED_NAME, embedded_gguf_path
 from loraserve.model.errors import ModelLoadError
 from loraserve.model.gguf_loader import read_gguf
 from loraserve.model.hf_loader import read_hf_directory
+from loraserve.model.layers.quantized_linear import QuantizedLinear
 from loraserve.model.llama import LlamaModel
 from loraserve.model.tokenizer import Tokenizer
 from loraserve.model.weights import Checkpoint, load_weights
@@ -26,18 +27,47 @@ class LoadedModel:
     name: str
 
 
-def load_model(source: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """source: "embedded", a Hugging Face directory, or a .gguf file."""
+QUANTIZATIONS = {"none": None, "int4": 4, "int8": 8}
+
+
+def load_model(source: str, device: torch.device, dtype: torch.dtype | None,
+               quantization: str = "none") -> LoadedModel:
+    """source: "embedded", a Hugging Face directory, or a .gguf file. quantization: "none" (every weight in
+    `dtype`), "int4" or "int8" (the layers' projections weight-only quantized, on load if the file is float), or
+    "auto" (as the file stores them: a GGUF file's Q4_0/Q4_1 layers as int4, anything else in `dtype`). dtype None
+    chooses (`choose_precision`)."""
     if source == "embedded":
         path, name = embedded_gguf_path(), EMBEDDED_NAME
     else:
         path = Path(source)
         name = path.name if path.is_dir() else path.stem
     checkpoint = read_checkpoint(path)
+    dtype, bits = choose_precision(dtype, quantization, checkpoint.weight_bits, device)
+    keep_dense = quantization == "auto"  # as fast as float with many tokens, as the kernels with few
+    if bits is not None and device.type != "cpu":
+        raise ModelLoadError(f"weight-only quantization runs on the CPU only for now; on {device.type} serve with "
+                             "--quantization none")
     with default_device_and_dtype(device, dtype):
-        model = LlamaModel(checkpoint.config)
+        model = LlamaModel(checkpoint.config, bits)
     load_weights(model, checkpoint.tensors, checkpoint.num_tensors)
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.pack(dtype if keep_dense else None)
     return LoadedModel(model.eval(), checkpoint.config, checkpoint.tokenizer, name)
+
+
+def choose_precision(dtype: torch.dtype | None, quantization: str, stored_bits: int | None,
+                     device: torch.device) -> tuple[torch.dtype, int | None]:
+    """The activation dtype and weight bits to serve with. "auto" quantization keeps a file's four-bit layers
+    as they are on the CPU unless float32 is asked for (the exact reference path); an unset dtype is bfloat16 on
+    CUDA and float32 on the CPU (the quantized kernels take bfloat16 inputs whatever the model's dtype)."""
+    if quantization == "auto":
+        bits = None if dtype == torch.float32 or device.type != "cpu" else stored_bits
+    else:
+        bits = QUANTIZATIONS[quantization]
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dtype, bits
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

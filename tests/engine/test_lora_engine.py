@@ -11,6 +11,7 @@ from loraserve.config import ServerConfig
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.model.loader import load_model
+from loraserve.model.quantization import quantize
 from tests.api.lora_helpers import peft_greedy, peft_model, save_random_adapter
 from tests.model.helpers import save_tiny_llama
 
@@ -160,3 +161,44 @@ def test_no_step_waits_for_an_adapter_read(model_dir, adapter_dirs, tmp_path, mo
             outputs[output.request_id].extend(output.token_ids)
     assert outputs["slow"] == peft_greedy(model_dir, adapter_dirs["attention-r4"], prompt, 6)
     assert engine.adapters.num_references() == 0 and engine.adapters.num_pins() == 0
+
+
+def dequantized_peft_model(model_dir: Path, adapter_dir: Path | None, bits: int) -> torch.nn.Module:
+    """PEFT over the base model whose layers' projections are replaced by what their quantized codes stand for."""
+    model = peft_model(model_dir, adapter_dir)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name and "lora_" not in name:
+                module.weight.copy_(quantize(module.weight, bits).dequantize())
+    return model
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_adapters_on_a_quantized_base_equal_peft_on_its_dequantized_weights(model_dir, adapter_dirs, tmp_path,
+                                                                           quantization):
+    """Adapters stay in float32 over an int4/int8 base (QLoRA-style serving). The kernels multiply in bfloat16,
+    so logits agree to 4% of their largest magnitude rather than 1e-4: well inside what each adapter changes."""
+    loaded = load_model(str(model_dir), torch.device("cpu"), torch.float32, quantization)
+    engine = LLMEngine(loaded, ServerConfig(block_size=4, num_kv_blocks=64, max_lora_rank=16,
+                                            adapter_dir=str(tmp_path / "registry")))
+    names = [None, *ADAPTERS]
+    for name in ADAPTERS:
+        engine.adapters.add_from_path(name, adapter_dirs[name])
+    for index, name in enumerate(names):
+        adapter = engine.adapters.resolve(name) if name else None
+        if adapter:
+            engine.adapters.make_resident(adapter)
+        engine.add_request(str(index), PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=1), adapter)
+    logits, _ = engine.runner.execute(engine.scheduler.schedule())
+    expected = []
+    for name in names:
+        with torch.no_grad():
+            bits = {"int4": 4, "int8": 8}[quantization]
+            model = dequantized_peft_model(model_dir, adapter_dirs[name] if name else None, bits)
+            expected.append(model(torch.tensor([PROMPTS[1]])).logits[0, -1])
+    for row, name in enumerate(names):
+        tolerance = 0.04 * expected[row].abs().max()
+        assert (logits[row] - expected[row]).abs().max() < tolerance, name
+        assert logits[row].argmax() == expected[row].argmax(), name
+        if name:
+            assert (expected[row] - expected[0]).abs().max() > 3 * tolerance, f"{name} barely changes the output"

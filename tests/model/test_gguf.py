@@ -6,7 +6,7 @@ import torch
 
 from loraserve.model.embedded import EMBEDDED_FILE, embedded_gguf_path
 from loraserve.model.errors import ModelLoadError
-from loraserve.model.gguf_loader import gguf_config, unpermute_rope_rows
+from loraserve.model.gguf_loader import gguf_config, rope_row_order
 from loraserve.model.gguf_tokenizer import read_gguf_tokenizer
 from loraserve.model.loader import LoadedModel, load_model
 from tests.model.helpers import paged_greedy, paged_prefill
@@ -107,7 +107,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
     weight = torch.arange(num_heads * head_dim * columns, dtype=torch.float32).reshape(-1, columns)
     permuted = weight.reshape(num_heads, 2, head_dim // 2, columns).transpose(1, 2).reshape(weight.shape)
     assert not torch.equal(permuted, weight)
-    assert torch.equal(unpermute_rope_rows(permuted, num_heads), weight)
+    assert torch.equal(permuted[rope_row_order(permuted.shape[0], num_heads)], weight)
 
 
 def tokenizer_metadata(**overrides) -> dict:

@@ -4,21 +4,23 @@ from torch import nn
 
 from loraserve.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
 from loraserve.model.layers.lora import LayerLora, project
+from loraserve.model.layers.quantized_linear import linear_layer
 from loraserve.model.layers.rotary import apply_rotary
 
 
 class Attention(nn.Module):
     """Projects q/k/v in one matmul, rotates q and k, stores k/v in the cache, attends, projects out."""
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 weight_bits: int | None = None) -> None:
         super().__init__()
         assert num_heads % num_kv_heads == 0, "query heads must split evenly over key/value heads"
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.query_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale = head_dim**-0.5
         # Rows: all query heads, then all key heads, then all value heads.
-        self.qkv_proj = nn.Linear(hidden_size, self.query_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.query_size, hidden_size, bias=False)
+        self.qkv_proj = linear_layer(hidden_size, self.query_size + 2 * self.kv_size, weight_bits)
+        self.o_proj = linear_layer(self.query_size, hidden_size, weight_bits)
 
     def forward(
         self,

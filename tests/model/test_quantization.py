@@ -1,0 +1,127 @@
+"""Weight-only quantization: GGUF blocks decoded exactly, quantized layers against their float64 reference, and a
+quantized model against the float model it stands for."""
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from loraserve.model.layers.quantized_linear import INT_KERNEL_MAX_TOKENS, QuantizedLinear
+from loraserve.model.loader import load_model
+from loraserve.model.quantization import INT4_GROUP_SIZE, QuantizedTensor, decode_gguf_q4, quantize
+from tests.model.helpers import paged_greedy, paged_prefill, save_tiny_llama
+from tests.model.test_gguf import needs_embedded
+
+# The kernels multiply bfloat16 activations (8 bits of mantissa) whatever the model's dtype: outputs agree with
+# the float64 product of the same weights to about 1% of their scale.
+TOLERANCE = 2e-2
+
+
+def random_weight(rows: int, columns: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, columns, generator=generator) * torch.rand(rows, 1, generator=generator)
+
+
+@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
+def test_gguf_four_bit_blocks_decode_exactly(kind):
+    weight = random_weight(48, 128).numpy()
+    blocks = gguf_quantize(weight, kind)
+    decoded = decode_gguf_q4(blocks, 48, with_minimum=kind == GGMLQuantizationType.Q4_1)
+    assert decoded.codes.dtype == torch.uint8 and int(decoded.codes.max()) <= 15
+    assert decoded.group_size == INT4_GROUP_SIZE and decoded.fits_kernel
+    expected = torch.from_numpy(gguf_dequantize(blocks, kind).reshape(48, 128))
+    assert torch.equal(decoded.dequantize(), expected)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_on_load_errs_by_at_most_half_a_step(bits):
+    weight = random_weight(64, 96)
+    quantized = quantize(weight, bits)
+    step = quantized.scales.repeat_interleave(quantized.group_size, dim=1)
+    assert ((quantized.dequantize() - weight).abs() <= step / 2 + 1e-6).all()
+
+
+def test_row_selection_keeps_codes_and_scales_together():
+    quantized = quantize(random_weight(8, 64), 4)
+    order = torch.tensor([3, 1, 7, 0, 2, 6, 5, 4])
+    assert torch.equal(quantized[order].dequantize(), quantized.dequantize()[order])
+
+
+def quantized_layer(quantized: QuantizedTensor, dense_dtype: torch.dtype | None = None) -> QuantizedLinear:
+    rows, columns = quantized.shape
+    layer = QuantizedLinear(columns, rows, quantized.bits)
+    for name, value in quantized.parts().items():
+        getattr(layer, name).copy_(value)
+    layer.pack(dense_dtype)
+    return layer
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_tokens", [1, 5, 64])
+def test_quantized_linear_matches_float64(bits, dtype, num_tokens):
+    quantized = quantize(random_weight(96, 128, seed=bits), bits)
+    layer = quantized_layer(quantized)
+    x = torch.randn(num_tokens, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = x.double() @ quantized.dequantize().double().T
+    output = layer(x)
+    assert output.dtype == dtype and output.shape == (num_tokens, 96)
+    error = (output.double() - expected).abs().max() / expected.abs().max()
+    assert error < TOLERANCE, error
+
+
+def test_a_layer_that_kept_its_dense_weight_uses_it_for_many_tokens():
+    """Many tokens go through the float product of the very weight the codes stand for: exact in float32; few
+    tokens through the kernel."""
+    quantized = quantize(random_weight(96, 128), 4)
+    layer = quantized_layer(quantized, torch.float32)
+    many = torch.randn(INT_KERNEL_MAX_TOKENS + 1, 128)
+    assert torch.equal(layer(many), many @ quantized.dequantize().T)
+    few = many[:INT_KERNEL_MAX_TOKENS]
+    assert torch.equal(layer(few), quantized_layer(quantized)(few))
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_quantized_model_matches_its_dequantized_float_model(tmp_path, quantization):
+    """A safetensors model quantized on load against the same model in float32 with its weights replaced by what
+    the codes stand for: the last position's logits within bfloat16's reach, the same top token."""
+    directory = save_tiny_llama(tmp_path / "model")
+    quantized = load_model(str(directory), torch.device("cpu"), torch.bfloat16, quantization)
+    reference = load_model(str(directory), torch.device("cpu"), torch.float32)
+    bits = {"int4": 4, "int8": 8}[quantization]
+    with torch.no_grad():
+        for name, module in reference.model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.startswith("layers."):
+                module.weight.copy_(quantize(module.weight, bits).dequantize())
+    assert isinstance(quantized.model.layers[0].self_attn.qkv_proj, QuantizedLinear)
+    prompt = list(range(3, 40))
+    with torch.no_grad():
+        ours = paged_prefill(quantized.model, prompt)[-1].float()
+        expected = paged_prefill(reference.model, prompt)[-1].float()
+    assert (ours - expected).abs().max() < 0.05 * expected.abs().max()
+    assert ours.argmax() == expected.argmax()
+
+
+def test_quantization_is_refused_off_the_cpu(tmp_path):
+    directory = save_tiny_llama(tmp_path / "model")
+    with pytest.raises(Exception, match="CPU only"):
+        load_model(str(directory), torch.device("meta"), torch.bfloat16, "int4")
+
+
+def test_auto_keeps_a_float_checkpoint_float(tmp_path):
+    loaded = load_model(str(save_tiny_llama(tmp_path / "model")), torch.device("cpu"), torch.float32, "auto")
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, torch.nn.Linear)
+
+
+
+@pytest.mark.slow
+@needs_embedded
+def test_embedded_model_served_as_its_four_bit_codes_answers_paris():
+    """The default: the file's Q4_1 layers run as int4 (token by token, so through the kernel), the rest float32."""
+    loaded = load_model("embedded", torch.device("cpu"), None, "auto")
+    assert isinstance(loaded.model.layers[0].mlp.gate_up_proj, QuantizedLinear)
+    assert next(loaded.model.parameters()).dtype == torch.float32
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    answer = paged_greedy(loaded.model, prompt, max_new_tokens=12, block_size=16)
+    assert "Paris" in loaded.tokenizer.decode(answer)
