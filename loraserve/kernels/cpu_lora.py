@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 GROUP_MATMUL_WORK = 256
 RANK_BUCKETS = (16, 32, 64)  # gathered groups are split by rank, so few tokens run at a rank far above their own
 RECOMPILE_LIMIT = 64
+# The intra-op threads the steps use, read at start-up: the code Inductor generates is parallel for as many
+# threads as the compiling thread is allowed, and helper threads (the adapter loader) are held to one.
+STEP_THREADS = torch.get_num_threads()
 
 
 def add_gathered(output: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
@@ -73,6 +76,7 @@ class CompiledLora:
 
     def _compile(self, warm_up: Callable[[Callable[..., None]], None] | None) -> None:
         try:
+            torch.set_num_threads(STEP_THREADS)
             allow_specializations()
             function = torch.compile(add_gathered, dynamic=True)
             with torch.inference_mode():
