@@ -8,7 +8,7 @@ compiled gather-and-reduce for the rest (`cpu_lora.py`); the per-slot reference 
 against.
 """
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -51,6 +51,7 @@ class LoraMapping:
     """Which tokens of the flat batch use which slot; tokens with no adapter are in no group."""
 
     groups: list[tuple[int, torch.Tensor]]  # (slot, row indices of its tokens), one entry per active slot
+    _subsets: dict[tuple[int, ...], "LoraMapping"] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_token_slots(cls, token_slots: list[int], device: torch.device) -> "LoraMapping":
@@ -74,6 +75,13 @@ class LoraMapping:
     @property
     def max_group_len(self) -> int:
         return max(rows.shape[0] for _, rows in self.groups)
+
+    def subset(self, groups: list[tuple[int, torch.Tensor]]) -> "LoraMapping":
+        """The mapping of some of this step's groups, made once a step: every layer asks for the same ones."""
+        key = tuple(slot for slot, _ in groups)
+        if key not in self._subsets:
+            self._subsets[key] = LoraMapping(groups)
+        return self._subsets[key]
 
     @cached_property
     def tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +191,7 @@ def add_lora_cpu(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, ma
         if len(groups) == 1:  # one group's matrix products beat a gathered call
             large += groups
         else:
-            add_lora_gathered(output, x, weights, LoraMapping(groups))
+            add_lora_gathered(output, x, weights, mapping.subset(groups))
     add_groups(output, x, weights, large)
 
 

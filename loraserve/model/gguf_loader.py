@@ -40,10 +40,8 @@ def read_gguf(path: Path) -> Checkpoint:
     tensor_names = {tensor.name for tensor in reader.tensors}
     config = gguf_config(metadata, tensor_names)
     tokenizer = read_gguf_tokenizer(metadata, config.eos_token_ids)
-    four_bit = all(tensor.tensor_type in FOUR_BIT_TYPES for tensor in reader.tensors if tensor.name.startswith("blk.")
-                   and len(tensor.shape) == 2)
     return Checkpoint(config, tokenizer, stream_tensors(reader.tensors, config), len(reader.tensors),
-                      4 if four_bit else None)
+                      stored_weight_bits(reader.tensors))
 
 
 def gguf_config(metadata: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
@@ -86,6 +84,12 @@ def gguf_rope_scaling(metadata: dict[str, Any]) -> dict[str, Any] | None:
     if scaling_type == "linear":
         return {"rope_type": "linear", "factor": metadata["llama.rope.scaling.factor"]}
     raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported; supported: none, linear")
+
+
+def stored_weight_bits(tensors: list[ReaderTensor]) -> int | None:
+    """4 when every layer matrix is Q4_0 or Q4_1 (served as they are by the int4 kernel), else None."""
+    layer_matrices = [tensor for tensor in tensors if tensor.name.startswith("blk.") and len(tensor.shape) == 2]
+    return 4 if all(tensor.tensor_type in FOUR_BIT_TYPES for tensor in layer_matrices) else None
 
 
 def stream_tensors(tensors: list[ReaderTensor],

@@ -47,8 +47,7 @@ class QuantizedLinear(nn.Module):
         if self.bits == 4:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes.int(), 1)
             zeros = self.minimums + INT4_CODE_OFFSET * self.scales
-            self.scale_and_zero = torch.stack([self.scales, zeros], -1).transpose(0, 1).contiguous()
-            self.scale_and_zero = self.scale_and_zero.to(KERNEL_DTYPE)
+            self.scale_and_zero = torch.stack([self.scales, zeros], -1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
             del self.minimums
         else:
             self.packed = self.codes
