@@ -64,7 +64,8 @@ class AdapterInfo:
 
 @dataclass(frozen=True)
 class LoraAdapter(AdapterInfo):
-    """A validated adapter with its weights in float32 on the CPU; a (layer, target) not in weights is untouched."""
+    """A validated adapter with its weights on the CPU, in their stored dtype; a (layer, target) not in weights is
+    untouched."""
 
     weights: dict[Module, tuple[torch.Tensor, torch.Tensor]]  # (A [rank, in], B [out, rank])
 
@@ -160,16 +161,19 @@ def _check_tensor(name: str, dtype: str, shape: list[int], module: Module, matri
 
 
 def _read_weights(path: Path, tensor_names: TensorNames) -> dict[Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The tensors as stored (their dtype kept: the slot pool converts whole projections at once), after one
+    check for NaN and infinities over all of them. A handful of operations for hundreds of tensors: each is a GIL
+    hand-off that a busy step thread can delay by milliseconds."""
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
-            return {module: (_read_tensor(handle, name_a), _read_tensor(handle, name_b))
-                    for module, (name_a, name_b) in tensor_names.items()}
+            weights = {module: (handle.get_tensor(name_a), handle.get_tensor(name_b))
+                       for module, (name_a, name_b) in tensor_names.items()}
     except (SafetensorError, OSError) as error:
         raise AdapterFormatError(f"{path.name} is not a readable safetensors file: {error}") from error
-
-
-def _read_tensor(handle: Any, name: str) -> torch.Tensor:
-    tensor = handle.get_tensor(name).to(torch.float32)
-    if not torch.isfinite(tensor).all():
-        raise AdapterFormatError(f"tensor {name!r} holds NaN or infinite values")
-    return tensor
+    names = [name for pair in tensor_names.values() for name in pair]
+    tensors = [tensor for pair in weights.values() for tensor in pair]
+    largest = torch.stack(torch._foreach_norm(tensors, float("inf")))  # promoted to a common dtype; NaN stays NaN
+    finite = torch.isfinite(largest).tolist()
+    if not all(finite):
+        raise AdapterFormatError(f"tensor {names[finite.index(False)]!r} holds NaN or infinite values")
+    return weights

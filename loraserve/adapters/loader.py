@@ -9,9 +9,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
-import torch
-
 from loraserve.adapters.errors import AdapterError, AdapterNotFoundError
+from loraserve.intra_op_threads import hold_helper_to_one_thread
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +50,8 @@ class AdapterLoader:
     def _run(self) -> None:
         # Tensor work here (dtype conversion, copies into pages) stays on this one thread: a thread that runs a
         # parallel region keeps an OpenMP team for life, and with more teams than cores libgomp throttles the
-        # step thread's (each decode step on 2 cores 1.65x slower). The step thread keeps its own setting.
-        torch.set_num_threads(1)
+        # step thread's (each decode step on 2 cores 1.65x slower).
+        hold_helper_to_one_thread()
         while True:
             with self._condition:
                 while not (self._changed and self._wanted):

@@ -12,6 +12,7 @@ threads and the engine's step thread, so all state sits behind one lock; disk re
 """
 import threading
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,11 @@ class _Version:
 
 class AdapterRegistry:
     def __init__(self, adapter_dir: Path, base: BaseModelShape, pool: SlotPool, max_cpu_loras: int,
-                 max_rank: int, listener: AdapterEventListener | None = None, max_bytes: int = 2**63) -> None:
+                 max_rank: int, listener: AdapterEventListener | None = None, max_bytes: int = 2**63,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        """`on_change` is called, from the loader's thread, when an adapter became resident or failed to load."""
         self._store = AdapterStore(adapter_dir)
+        self._on_change = on_change
         self._base, self._max_rank, self._max_bytes = base, max_rank, max_bytes
         self._lock = threading.Lock()
         self._placing = threading.Lock()  # one placement at a time (the loader's, or a caller's), never the step's
@@ -184,6 +188,7 @@ class AdapterRegistry:
                 self._tiers.free(*placement)
                 raise AdapterNotFoundError(f"adapter {ref.name!r} version {ref.version} was removed")
             self._tiers.occupy(ref, *placement, seconds)
+        self._on_change()
         return True
 
     def release(self, ref: AdapterRef) -> None:
@@ -193,6 +198,10 @@ class AdapterRegistry:
             entry.references -= 1
             self._free_if_unused(ref)
         self._loader.wake()
+
+    def loading(self) -> bool:
+        """Whether the loader has adapters to bring in (its thread is, or is about to be, busy)."""
+        return bool(self._loader.pending())
 
     def waiting_for_load(self) -> int:
         """Requests (queued, or being prepared) whose adapter version is not in a slot yet."""
@@ -279,6 +288,7 @@ class AdapterRegistry:
         with self._lock:
             if ref in self._versions:
                 self._failures[ref] = error
+        self._on_change()
 
     def _load(self, ref: AdapterRef) -> LoraAdapter:
         """The CPU copy; when the cache has none, read from disk outside the lock (a slow load blocks no one)."""

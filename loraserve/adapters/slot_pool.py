@@ -7,10 +7,14 @@ r takes r pages, so adapters of any rank share the pool without padding, and the
 not a count of adapters. A slot (a resident adapter) is its row of the page table; past its rank the row points
 at page 0, which stays zero. Pages are made with `torch.empty`: memory is touched only as adapters fill it.
 """
+import itertools
+from dataclasses import dataclass
+
 import torch
 
 from loraserve.adapters.format import BaseModelShape, LoraAdapter
-from loraserve.kernels.lora import LoraWeights, prepare_cpu_lora
+from loraserve.kernels.cpu_lora import KERNEL
+from loraserve.kernels.lora import LoraWeights
 
 # Each fused projection of the model and the PEFT targets it holds, in output order.
 FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
@@ -27,6 +31,22 @@ def page_bytes(base: BaseModelShape, dtype: torch.dtype) -> int:
     return elements * base.num_layers * torch.empty((), dtype=dtype).element_size()
 
 
+@dataclass
+class ProjectionPool:
+    """One fused projection's pages in every layer, one tensor each, so an adapter is copied in a few operations
+    (each a GIL hand-off that a busy step thread can delay by milliseconds), not a few per layer. Page-major, so
+    an adapter of consecutive pages is one span of memory in every layer."""
+
+    lora_a: torch.Tensor  # [pages, layers, slices, in]
+    lora_b: torch.Tensor  # [pages, layers, out]
+    ranks: torch.Tensor  # [layers, slots] int32 on the CPU: each slot's rank in each layer, 0 where not adapted
+    slice_sizes: list[int]
+
+    def layer(self, layer: int, slot_pages: torch.Tensor) -> LoraWeights:
+        return LoraWeights(self.lora_a[:, layer], self.lora_b[:, layer], slot_pages, self.slice_sizes,
+                           self.ranks[layer].tolist(), self.ranks[layer])
+
+
 class SlotPool:
     """`layer_weights[layer][projection]` is what the model's layers read; `write` and `clear` fill slots, with
     pages from `take_pages`."""
@@ -35,10 +55,11 @@ class SlotPool:
                  dtype: torch.dtype) -> None:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.slot_pages = torch.zeros(num_slots, max_rank, dtype=torch.int64, device=device)
+        self._pools = {projection: _allocate(base, targets, num_pages + 1, num_slots, device, dtype)
+                       for projection, targets in FUSED_PROJECTIONS.items()}
         self.layer_weights: list[dict[str, LoraWeights]] = [
-            {projection: _allocate(base, targets, num_pages + 1, self.slot_pages, device, dtype)
-             for projection, targets in FUSED_PROJECTIONS.items()}
-            for _ in range(base.num_layers)
+            {projection: pool.layer(layer, self.slot_pages) for projection, pool in self._pools.items()}
+            for layer in range(base.num_layers)
         ]
         self._free_pages = list(range(num_pages, 0, -1))  # page 0 is the zero page
 
@@ -57,17 +78,17 @@ class SlotPool:
 
     def write(self, slot: int, pages: list[int], adapter: LoraAdapter) -> None:
         """Copy the adapter into `pages` (one per rank component) and point the slot at them. The first write on
-        the CPU starts compiling the CPU LoRA kernel in the background, for these projections' shapes."""
+        the CPU starts building the CPU LoRA kernel in the background."""
         assert len(pages) == adapter.rank <= self.max_rank, f"rank {adapter.rank}, {len(pages)} pages"
-        if self.layer_weights[0]["o_proj"].lora_a.device.type == "cpu":
-            prepare_cpu_lora(list(self.layer_weights[0].values()))
+        if self.slot_pages.device.type == "cpu":
+            KERNEL.start()
         index = torch.tensor(pages, device=self.slot_pages.device)
-        for layer, projections in enumerate(self.layer_weights):
-            for projection, weights in projections.items():
-                lora_a, lora_b, adapted = _page_contents(adapter, layer, FUSED_PROJECTIONS[projection], weights)
-                weights.lora_a[index] = lora_a.to(weights.lora_a)
-                weights.lora_b[index] = lora_b.to(weights.lora_b)
-                weights.ranks[slot] = adapter.rank if adapted else 0  # kernels read no more pages than this
+        for projection, pool in self._pools.items():
+            lora_a, lora_b, adapted = _page_contents(adapter, FUSED_PROJECTIONS[projection], pool)
+            pool.lora_a[index] = lora_a.to(pool.lora_a)
+            pool.lora_b[index] = lora_b.to(pool.lora_b)
+            self._set_ranks(projection, slot, [adapter.rank if layer in adapted else 0
+                                               for layer in range(len(self.layer_weights))])
         self.slot_pages[slot] = 0
         self.slot_pages[slot, :adapter.rank] = index
 
@@ -75,34 +96,44 @@ class SlotPool:
         """Point the slot at nothing; its pages are the caller's to return."""
         assert 0 <= slot < self.num_slots, f"slot {slot} outside 0..{self.num_slots - 1}"
         self.slot_pages[slot] = 0
-        for projections in self.layer_weights:
-            for weights in projections.values():
-                weights.ranks[slot] = 0
+        for projection in self._pools:
+            self._set_ranks(projection, slot, [0] * len(self.layer_weights))
+
+    def _set_ranks(self, projection: str, slot: int, ranks: list[int]) -> None:
+        """The slot's rank in each layer (kernels read no more pages than this), as a list and as a tensor."""
+        self._pools[projection].ranks[:, slot] = torch.tensor(ranks, dtype=torch.int32)
+        for layer, rank in enumerate(ranks):
+            self.layer_weights[layer][projection].ranks[slot] = rank
 
 
-def _page_contents(adapter: LoraAdapter, layer: int, targets: tuple[str, ...], weights: LoraWeights
-                   ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One projection's pages of the adapter: A rows [rank, slices, in] and scaled B columns [rank, out], zero
-    for the slices it does not adapt; and whether it adapts any."""
-    in_features = weights.lora_a.shape[2]
-    lora_a = torch.zeros(adapter.rank, len(targets), in_features)
-    lora_b = torch.zeros(adapter.rank, weights.lora_b.shape[1])
-    adapted = False
-    for index, (target, (start, end)) in enumerate(zip(targets, weights.slice_bounds)):
-        if (layer, target) in adapter.weights:
-            target_a, target_b = adapter.weights[(layer, target)]  # [rank, in], [out, rank]
-            lora_a[:, index] = target_a
-            lora_b[:, start:end] = target_b.T * adapter.scale
-            adapted = True
+def _page_contents(adapter: LoraAdapter, targets: tuple[str, ...], pool: ProjectionPool
+                   ) -> tuple[torch.Tensor, torch.Tensor, set[int]]:
+    """One projection's pages of the adapter in every layer: A rows [rank, layers, slices, in] and scaled B
+    columns [rank, layers, out], zero for the layers and slices it does not adapt; and the layers it adapts."""
+    _, num_layers, num_slices, in_features = pool.lora_a.shape
+    lora_a = torch.zeros(adapter.rank, num_layers, num_slices, in_features)
+    lora_b = torch.zeros(adapter.rank, num_layers, pool.lora_b.shape[2])
+    adapted: set[int] = set()
+    ends = list(itertools.accumulate(pool.slice_sizes))
+    for index, (target, end) in enumerate(zip(targets, ends)):
+        layers = [layer for layer in range(num_layers) if (layer, target) in adapter.weights]
+        if not layers:
+            continue
+        adapted.update(layers)
+        rows = torch.tensor(layers)
+        lora_a[:, rows, index] = torch.stack([adapter.weights[(layer, target)][0] for layer in layers], 1).float()
+        target_b = torch.stack([adapter.weights[(layer, target)][1] for layer in layers], 1).float()  # [out, l, r]
+        lora_b[:, rows, end - pool.slice_sizes[index]:end] = target_b.permute(2, 1, 0) * adapter.scale
     return lora_a, lora_b, adapted
 
 
-def _allocate(base: BaseModelShape, targets: tuple[str, ...], num_pages: int, slot_pages: torch.Tensor,
-              device: torch.device, dtype: torch.dtype) -> LoraWeights:
+def _allocate(base: BaseModelShape, targets: tuple[str, ...], num_pages: int, num_slots: int,
+              device: torch.device, dtype: torch.dtype) -> ProjectionPool:
     in_features = base.module_shapes[targets[0]][0]
     slice_sizes = [base.module_shapes[target][1] for target in targets]
-    lora_a = torch.empty(num_pages, len(targets), in_features, device=device, dtype=dtype)
-    lora_b = torch.empty(num_pages, sum(slice_sizes), device=device, dtype=dtype)
+    lora_a = torch.empty(num_pages, base.num_layers, len(targets), in_features, device=device, dtype=dtype)
+    lora_b = torch.empty(num_pages, base.num_layers, sum(slice_sizes), device=device, dtype=dtype)
     lora_a[0].zero_()
     lora_b[0].zero_()
-    return LoraWeights(lora_a, lora_b, slot_pages, slice_sizes, ranks=[0] * slot_pages.shape[0])
+    ranks = torch.zeros(base.num_layers, num_slots, dtype=torch.int32)
+    return ProjectionPool(lora_a, lora_b, ranks, slice_sizes)

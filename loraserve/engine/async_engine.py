@@ -188,6 +188,7 @@ class AsyncEngine:
         self._streams[request_id] = stream
         self._pending_adds.append((request_id, list(prompt_token_ids), params, adapter))
         self._wakeup.set()
+        self.engine.notify()
         return stream
 
     def check_capacity(self, count: int) -> None:
@@ -211,6 +212,7 @@ class AsyncEngine:
         if self._streams.pop(request_id, None) is not None:
             self._pending_aborts.append(request_id)
             self._wakeup.set()
+            self.engine.notify()
 
     def _apply_pending(self) -> None:
         adds, self._pending_adds = self._pending_adds, []

@@ -2,6 +2,7 @@
 import dataclasses
 import logging
 import random
+import threading
 import time
 
 import torch
@@ -21,6 +22,7 @@ from loraserve.engine.sequence import Sequence, SequenceStatus
 from loraserve.engine.setup import (adapter_base_shape, adapter_directory, adapter_pages, kv_cache_blocks,
                                  make_proposer)
 from loraserve.engine.stop_checker import StopChecker
+from loraserve.intra_op_threads import share_cores_with_helper
 from loraserve.metrics import Metrics
 from loraserve.model.loader import LoadedModel
 
@@ -28,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 # Requests that failed alone with no successful run between them: past this, the model (or the device) is broken.
 MAX_CONSECUTIVE_CULPRITS = 8
+# A step with nothing to run while requests wait (for their adapters' loads) waits this long at most for news,
+# rather than return at once: a caller stepping in a loop would hold the GIL from the loader it waits for.
+IDLE_WAIT_SECONDS = 0.05
 
 
 class LLMEngine:
@@ -49,8 +54,10 @@ class LLMEngine:
         slots = SlotPool(base, config.max_loras, adapter_pages(config, base, parameter.dtype), config.max_lora_rank,
                          parameter.device, parameter.dtype)
         directory, self.adapter_scratch = adapter_directory(config)
+        self._news = threading.Event()  # an adapter placed or failed, or (`notify`) a request arrived
         self.adapters = AdapterRegistry(directory, base, slots, config.max_cpu_loras, config.max_lora_rank,
-                                        listener=self.metrics, max_bytes=config.max_adapter_bytes)
+                                        listener=self.metrics, max_bytes=config.max_adapter_bytes,
+                                        on_change=self._news.set)
         self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             self._capture_graphs(config.max_num_seqs)
@@ -93,6 +100,10 @@ class LLMEngine:
                 f"the prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"this model's context of {self.max_model_len} tokens")
 
+    def notify(self) -> None:
+        """Thread-safe: new work is on its way, so a step waiting for news returns now."""
+        self._news.set()
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     adapter: AdapterRef | None = None) -> None:
         """Queue a request. An adapter comes pinned by the caller (`resolve` or `pin`), so no upload or delete
@@ -128,10 +139,14 @@ class LLMEngine:
         """
         if self.proposer is not None:
             self._propose()
+        self._news.clear()
+        share_cores_with_helper(self.adapters.loading())
         batch = self.scheduler.schedule()
         outputs = [self._failure_output(sequence, error) for sequence, error in self.scheduler.take_failed()]
         self.metrics.preemptions.inc(batch.num_preempted)
         if batch.empty:
+            if not outputs and self.scheduler.waiting:
+                self._news.wait(IDLE_WAIT_SECONDS)
             return outputs
         self.metrics.step_tokens.observe(sum(batch.num_new_tokens))
         work = list(zip(batch.sequences, batch.num_new_tokens))

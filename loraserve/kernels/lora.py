@@ -3,17 +3,15 @@
 Adapter weights live in pages: a page holds one rank component of one adapter (its A row for each slice of a
 fused projection, and the matching B column, scaled), so adapters of any rank share one pool with no padding, and
 a slot (a resident adapter) is the list of its pages. Tokens are grouped by slot once per step (`LoraMapping`).
-`add_lora` dispatches: grouped Triton kernels on CUDA; on the CPU, matrix products for large groups and one
-compiled gather-and-reduce for the rest (`cpu_lora.py`); the per-slot reference here is what both are tested
-against.
+`add_lora` dispatches: grouped Triton kernels on CUDA, the grouped C++ kernel on the CPU (`cpu_lora.py`); the
+per-slot reference here is what both are tested against, and what the CPU runs until its kernel is built.
 """
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
-from loraserve.kernels.cpu_lora import COMPILED, GROUP_MATMUL_WORK, RANK_BUCKETS
+from loraserve.kernels.cpu_lora import KERNEL
 
 
 @dataclass
@@ -25,6 +23,12 @@ class LoraWeights:
     slot_pages: torch.Tensor  # [num_slots, max_rank] int64: rank component j of a slot is page slot_pages[slot, j]
     slice_sizes: list[int]  # output columns of each slice, in order (q, k, v), (gate, up) or one
     ranks: list[int]  # each slot's rank in this projection: 0 if empty or not adapted here
+    rank_table: torch.Tensor | None = None  # the same as int32 on the CPU, for the C++ kernel; kept in step by
+    # the slot pool, or made from `ranks` when not given
+
+    def __post_init__(self) -> None:
+        if self.rank_table is None:
+            self.rank_table = torch.tensor(self.ranks, dtype=torch.int32)
 
     @property
     def max_rank(self) -> int:
@@ -51,7 +55,6 @@ class LoraMapping:
     """Which tokens of the flat batch use which slot; tokens with no adapter are in no group."""
 
     groups: list[tuple[int, torch.Tensor]]  # (slot, row indices of its tokens), one entry per active slot
-    _subsets: dict[tuple[int, ...], "LoraMapping"] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_token_slots(cls, token_slots: list[int], device: torch.device) -> "LoraMapping":
@@ -75,20 +78,6 @@ class LoraMapping:
     @property
     def max_group_len(self) -> int:
         return max(rows.shape[0] for _, rows in self.groups)
-
-    def subset(self, groups: list[tuple[int, torch.Tensor]]) -> "LoraMapping":
-        """The mapping of some of this step's groups, made once a step: every layer asks for the same ones."""
-        key = tuple(slot for slot, _ in groups)
-        if key not in self._subsets:
-            self._subsets[key] = LoraMapping(groups)
-        return self._subsets[key]
-
-    @cached_property
-    def tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every token with an adapter, once per step: its row, and its slot (int64), sorted by slot."""
-        rows = torch.cat([rows for _, rows in self.groups])
-        slots = torch.cat([torch.full_like(rows, slot) for slot, rows in self.groups])
-        return rows, slots
 
     @cached_property
     def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,51 +148,19 @@ def add_lora(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights,
         add_lora_cpu(output, x, weights, mapping)
 
 
-def prepare_cpu_lora(projections: list[LoraWeights]) -> None:
-    """Start compiling the CPU kernel in the background, for these projections' shapes (one layer's), with one
-    token and several, at their largest rank and a small one."""
-    def warm_up(add_gathered: Callable[..., None]) -> None:
-        for weights in projections:
-            for num_tokens in (1, 3):
-                rows = torch.arange(num_tokens)
-                x = torch.zeros(num_tokens, weights.lora_a.shape[2], dtype=weights.lora_a.dtype)
-                output = torch.zeros(num_tokens, weights.lora_b.shape[1], dtype=weights.lora_b.dtype)
-                for rank in (weights.max_rank, 2):
-                    add_gathered(output, x, rows, rows * 0, weights.lora_a, weights.lora_b, weights.slot_pages,
-                                 weights.slice_bounds, rank)
-    COMPILED.start(warm_up)
-
-
 def add_lora_cpu(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
-    """Small groups gathered in one compiled call per rank bucket, when a bucket has several; large ones (prefill
-    chunks, or a few tokens at a large rank), or all of them when nothing could be compiled, by matrix products."""
-    buckets: dict[int, list[tuple[int, torch.Tensor]]] = {}
-    large = []
-    gather = COMPILED.get() is not None
-    for slot, rows in mapping.groups:
-        rank = weights.ranks[slot]
-        if gather and rows.shape[0] * rank < GROUP_MATMUL_WORK:
-            bucket = next((limit for limit in RANK_BUCKETS if rank <= limit), weights.max_rank)
-            buckets.setdefault(bucket, []).append((slot, rows))
-        else:
-            large.append((slot, rows))
-    for groups in buckets.values():
-        if len(groups) == 1:  # one group's matrix products beat a gathered call
-            large += groups
-        else:
-            add_lora_gathered(output, x, weights, mapping.subset(groups))
-    add_groups(output, x, weights, large)
-
-
-def add_lora_gathered(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:
-    """Every token's delta from the compiled kernel (`cpu_lora.py`), reading only the largest rank in use."""
+    """Every group in one call of the C++ kernel, reading only the largest rank in use; per-adapter matrix
+    products until it is built, or if it cannot be."""
+    kernel = KERNEL.get()
+    if kernel is None:
+        add_groups(output, x, weights, mapping.groups)
+        return
     rank = weights.largest_rank([slot for slot, _ in mapping.groups])
     if rank == 0:
         return  # none of these adapters adapts this projection
-    rows, slots = mapping.tokens
-    with torch.inference_mode():
-        COMPILED.get()(output, x, rows, slots, weights.lora_a, weights.lora_b, weights.slot_pages,
-                       weights.slice_bounds, rank)
+    sorted_rows, group_starts, group_slots = mapping.packed
+    kernel.add_lora_groups(output, x.contiguous(), weights.lora_a, weights.lora_b, weights.slot_pages,
+                           weights.rank_table, weights.slice_ends, sorted_rows, group_starts, group_slots, rank)
 
 
 def add_lora_reference(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from loraserve.adapters.errors import AdapterFormatError, AdapterNotFoundError, AdapterTooLargeError
 from loraserve.adapters.format import inspect_adapter, load_adapter
+from loraserve.adapters.slot_pool import SlotPool
 from tests.adapters.helpers import (BASE, CONFIG, WEIGHTS, edit_config, make_peft_model, read_tensors, tensor_name,
                                     write_tensors)
 
@@ -44,13 +45,19 @@ def test_regex_targets_and_layers_to_transform_match_what_peft_adapted(make_adap
     assert set(adapter.weights) == {(1, target) for target in ALL_TARGETS}
 
 
-def test_half_precision_weights_become_float32(make_adapter: Callable[..., Path]) -> None:
+def test_half_precision_weights_reach_the_pool_exactly(make_adapter: Callable[..., Path]) -> None:
+    """Kept as stored when read (the slot pool converts whole projections at once), then float32 in the pages."""
     directory = make_adapter()
     original = read_tensors(directory)
     write_tensors(directory, {name: tensor.to(torch.bfloat16) for name, tensor in original.items()})
-    lora_a, _ = load_adapter(directory, BASE, max_rank=8).weights[(0, "q_proj")]
-    assert lora_a.dtype == torch.float32
-    assert torch.equal(lora_a, original[tensor_name(0, "q_proj", "A")].to(torch.bfloat16).float())
+    adapter = load_adapter(directory, BASE, max_rank=8)
+    assert adapter.weights[(0, "q_proj")][0].dtype == torch.bfloat16
+    pool = SlotPool(BASE, 1, adapter.rank, 8, torch.device("cpu"), torch.float32)
+    pages = pool.take_pages(adapter.rank)
+    pool.write(0, pages, adapter)
+    q_rows = pool.layer_weights[0]["qkv_proj"].lora_a[pages, 0]  # [rank, in]: q's A rows
+    assert q_rows.dtype == torch.float32
+    assert torch.equal(q_rows, original[tensor_name(0, "q_proj", "A")].to(torch.bfloat16).float())
 
 
 def _retensor(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:

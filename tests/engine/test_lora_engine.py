@@ -8,8 +8,9 @@ import torch
 
 import loraserve.adapters.registry as registry_module
 from loraserve.config import ServerConfig
-from loraserve.engine.engine import LLMEngine
+from loraserve.engine.engine import IDLE_WAIT_SECONDS, LLMEngine
 from loraserve.engine.sampling_params import SamplingParams
+from loraserve.kernels.cpu_lora import KERNEL
 from loraserve.model.loader import load_model
 from loraserve.model.quantization import quantize
 from tests.api.lora_helpers import peft_greedy, peft_model, save_random_adapter
@@ -22,6 +23,13 @@ ADAPTERS = {
     "kv-r2": dict(rank=2, lora_alpha=2, targets=["k_proj", "v_proj", "up_proj"]),
 }
 PROMPTS = [[5, 17, 42, 9], [100, 3, 3, 250, 61, 7, 11], [8] * 13, [300, 200, 100], [12, 13, 14, 15, 16, 17]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_cpu_kernel() -> None:
+    """Steps use per-adapter matrix products until the CPU kernel is built; these tests check the kernel."""
+    KERNEL.start()
+    assert KERNEL.done.wait(timeout=600) and KERNEL.get() is not None
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +169,27 @@ def test_no_step_waits_for_an_adapter_read(model_dir, adapter_dirs, tmp_path, mo
             outputs[output.request_id].extend(output.token_ids)
     assert outputs["slow"] == peft_greedy(model_dir, adapter_dirs["attention-r4"], prompt, 6)
     assert engine.adapters.num_references() == 0 and engine.adapters.num_pins() == 0
+
+
+def test_a_step_with_nothing_to_run_waits_for_the_load_instead_of_spinning(model_dir, adapter_dirs, tmp_path,
+                                                                            monkeypatch):
+    """While the only request waits for its adapter's read, each step waits for news (a caller stepping in a
+    loop would otherwise hold the interpreter from the loader it waits for); the placement wakes it."""
+    loaded = load_model(str(model_dir), torch.device("cpu"), torch.float32)
+    engine = LLMEngine(loaded, ServerConfig(block_size=4, num_kv_blocks=256, max_cpu_loras=1,
+                                            adapter_dir=str(tmp_path)))
+    engine.adapters.add_from_path("slow", adapter_dirs["attention-r4"])
+    engine.adapters.add_from_path("other", adapter_dirs["kv-r2"])
+    release = threading.Event()
+    read = registry_module.load_adapter
+    monkeypatch.setattr(registry_module, "load_adapter", lambda *args: (release.wait(), read(*args))[1])
+    engine.add_request("slow", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=1),
+                       engine.adapters.resolve("slow"))
+    threading.Timer(0.5, release.set).start()
+    empty_steps = 0
+    while not engine.step():
+        empty_steps += 1
+    assert release.is_set() and 0 < empty_steps <= 0.5 / IDLE_WAIT_SECONDS + 5
 
 
 def dequantized_peft_model(model_dir: Path, adapter_dir: Path | None, bits: int) -> torch.nn.Module:

@@ -1,22 +1,22 @@
-"""The LoRA kernels (Triton's grouped shrink/expand, the compiled CPU gather-and-reduce, the per-slot reference)
+"""The LoRA kernels (Triton's grouped shrink/expand, the grouped C++ kernel for the CPU, the per-slot reference)
 against a float64 per-token computation, with slots of different ranks in pages scattered over the pool."""
 import pytest
 import torch
 
-from loraserve.kernels.cpu_lora import COMPILED
-from loraserve.kernels.lora import (LoraMapping, LoraWeights, PaddedLoraMapping, add_lora_cpu, add_lora_gathered,
-                          add_lora_reference)
+from loraserve.kernels.cpu_lora import KERNEL
+from loraserve.kernels.lora import LoraMapping, LoraWeights, PaddedLoraMapping, add_lora_cpu, add_lora_reference
 from loraserve.kernels.triton_lora import add_lora_triton
 from tests.kernels.helpers import relative_error
 
+
 @pytest.fixture(scope="module", autouse=True)
-def compiled_cpu_kernels() -> None:
-    """The CPU kernels compile in the background; these tests need them ready."""
-    COMPILED.start()
-    assert COMPILED.done.wait(timeout=600) and COMPILED.get() is not None
+def built_cpu_kernel() -> None:
+    """The CPU kernel builds in the background; these tests need it built (CI has a compiler)."""
+    KERNEL.start()
+    assert KERNEL.done.wait(timeout=600) and KERNEL.get() is not None
 
 
-KERNELS = {"triton": add_lora_triton, "cpu": add_lora_cpu, "gathered": add_lora_gathered, "reference": add_lora_reference}
+KERNELS = {"triton": add_lora_triton, "cpu": add_lora_cpu, "reference": add_lora_reference}
 
 
 def padded_mapping(token_slots: list[int], device: str) -> PaddedLoraMapping:
@@ -30,7 +30,8 @@ def padded_mapping(token_slots: list[int], device: str) -> PaddedLoraMapping:
 def random_weights(num_slots: int, in_features: int, slice_sizes: list[int], rank: int, dtype: torch.dtype,
                    device: str, generator: torch.Generator) -> LoraWeights:
     """Slot i has rank max(1, rank - i), in pages scattered over the pool (its page-table row points at the zero
-    page past its rank); the pages nobody uses hold NaN, so a kernel that reads one fails."""
+    page past its rank); the pages nobody uses, and the other layers' rows, hold NaN, so a kernel that reads one
+    fails."""
     num_slices, out_features = len(slice_sizes), sum(slice_sizes)
     ranks = [max(1, rank - slot) for slot in range(num_slots)]
     num_pages = 2 * sum(ranks) + 1
@@ -44,8 +45,11 @@ def random_weights(num_slots: int, in_features: int, slice_sizes: list[int], ran
         slot_pages[slot, :slot_rank] = pages
         lora_a[pages] = torch.randn(slot_rank, num_slices, in_features, generator=generator) / in_features**0.5
         lora_b[pages] = torch.randn(slot_rank, out_features, generator=generator)
-    return LoraWeights(lora_a.to(device=device, dtype=dtype), lora_b.to(device=device, dtype=dtype),
-                       slot_pages.to(device), slice_sizes, ranks)
+    # As the slot pool holds them: one layer's view of page-major tensors, so a page's rows lie a stride apart.
+    layers_a = torch.full((num_pages, 3, num_slices, in_features), float("nan"), dtype=dtype, device=device)
+    layers_b = torch.full((num_pages, 3, out_features), float("nan"), dtype=dtype, device=device)
+    layers_a[:, 1], layers_b[:, 1] = lora_a.to(layers_a), lora_b.to(layers_b)
+    return LoraWeights(layers_a[:, 1], layers_b[:, 1], slot_pages.to(device), slice_sizes, ranks)
 
 
 def check_lora(token_slots: list[int], in_features: int, slice_sizes: list[int], rank: int, num_slots: int,
@@ -90,9 +94,16 @@ def test_single_group_over_one_row_tile(kernel: str) -> None:
     check_lora([1] * 19 + [-1], 24, [16, 16], 16, 2, torch.float32, "cpu", 1e-5, kernel=kernel)
 
 
-def test_the_gathered_kernel_in_bfloat16_accumulates_in_float32() -> None:
+def test_the_cpu_kernel_in_bfloat16_accumulates_in_float32() -> None:
     token_slots = [3, 0, -1, 1, 3, 2] * 5
-    check_lora(token_slots, 64, [32, 16, 16], 8, 4, torch.bfloat16, "cpu", 1e-2, kernel="gathered")
+    check_lora(token_slots, 64, [32, 16, 16], 8, 4, torch.bfloat16, "cpu", 1e-2, kernel="cpu")
+
+
+def test_the_cpu_kernel_over_many_groups_and_a_long_group() -> None:
+    """Ranks not a multiple of the kernel's unroll, more output columns than one block, a group as long as a
+    prefill chunk beside one-token groups."""
+    token_slots = [5] * 300 + list(range(6)) * 3 + [-1] * 4
+    check_lora(token_slots, 72, [130, 60, 60], 7, 6, torch.float32, "cpu", 1e-5, kernel="cpu")
 
 
 @pytest.mark.parametrize("token_slots", [[3, -1, 0, 3, 0, -1, 3], [-1, -1, -1]], ids=["some slots", "no adapter"])
