@@ -24,6 +24,7 @@ from loraserve.adapters.server_path import checked_source_files
 from loraserve.adapters.slot_pool import SlotPool
 from loraserve.adapters.store import AdapterStore, StoredAdapter, validate_name
 from loraserve.adapters.tiers import AdapterEventListener, AdapterTiers
+from loraserve.intra_op_threads import hold_helper_to_one_thread
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ class AdapterRegistry:
 
     def _place(self, name: str, staging: Path) -> AdapterRecord:
         """Load and validate a staged adapter, then rename it into place as the name's next version."""
+        hold_helper_to_one_thread()  # a worker thread's tensor work, kept out of an OpenMP team of its own
         start = time.perf_counter()
         try:
             adapter = load_adapter(staging, self._base, self._max_rank)
@@ -291,7 +293,9 @@ class AdapterRegistry:
         self._on_change()
 
     def _load(self, ref: AdapterRef) -> LoraAdapter:
-        """The CPU copy; when the cache has none, read from disk outside the lock (a slow load blocks no one)."""
+        """The CPU copy; when the cache has none, read from disk outside the lock (a slow load blocks no one). Runs
+        on the loader or a worker thread, held to one intra-op thread so it never forms an OpenMP team of its own."""
+        hold_helper_to_one_thread()
         with self._lock:
             directory = self._version(ref).directory
             adapter = self._tiers.cpu_copy(ref)
