@@ -62,6 +62,8 @@ class SlotPool:
             for layer in range(base.num_layers)
         ]
         self._free_pages = list(range(num_pages, 0, -1))  # page 0 is the zero page
+        if device.type == "cpu":
+            KERNEL.start()  # built or loaded in the background now, so the first adapters' steps already use it
 
     @property
     def num_free_pages(self) -> int:
@@ -77,11 +79,8 @@ class SlotPool:
         self._free_pages.extend(pages)
 
     def write(self, slot: int, pages: list[int], adapter: LoraAdapter) -> None:
-        """Copy the adapter into `pages` (one per rank component) and point the slot at them. The first write on
-        the CPU starts building the CPU LoRA kernel in the background."""
+        """Copy the adapter into `pages` (one per rank component) and point the slot at them."""
         assert len(pages) == adapter.rank <= self.max_rank, f"rank {adapter.rank}, {len(pages)} pages"
-        if self.slot_pages.device.type == "cpu":
-            KERNEL.start()
         index = torch.tensor(pages, device=self.slot_pages.device)
         for projection, pool in self._pools.items():
             lora_a, lora_b, adapted = _page_contents(adapter, FUSED_PROJECTIONS[projection], pool)
