@@ -143,6 +143,7 @@ class AdapterRegistry:
             self._version(ref)
             if self._tiers.slot(ref) is not None:
                 return
+        hold_helper_to_one_thread()  # a worker thread's tensor work, kept out of an OpenMP team of its own
         self._load(ref)
 
     def hold(self, ref: AdapterRef) -> int | None:
@@ -293,9 +294,7 @@ class AdapterRegistry:
         self._on_change()
 
     def _load(self, ref: AdapterRef) -> LoraAdapter:
-        """The CPU copy; when the cache has none, read from disk outside the lock (a slow load blocks no one). Runs
-        on the loader or a worker thread, held to one intra-op thread so it never forms an OpenMP team of its own."""
-        hold_helper_to_one_thread()
+        """The CPU copy; when the cache has none, read from disk outside the lock (a slow load blocks no one)."""
         with self._lock:
             directory = self._version(ref).directory
             adapter = self._tiers.cpu_copy(ref)

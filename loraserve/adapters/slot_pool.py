@@ -7,7 +7,6 @@ r takes r pages, so adapters of any rank share the pool without padding, and the
 not a count of adapters. A slot (a resident adapter) is its row of the page table; past its rank the row points
 at page 0, which stays zero. Pages are made with `torch.empty`: memory is touched only as adapters fill it.
 """
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +82,8 @@ class SlotPool:
         assert len(pages) == adapter.rank <= self.max_rank, f"rank {adapter.rank}, {len(pages)} pages"
         index = torch.tensor(pages, device=self.slot_pages.device)
         for projection, pool in self._pools.items():
-            lora_a, lora_b, adapted = _page_contents(adapter, FUSED_PROJECTIONS[projection], pool)
+            bounds = self.layer_weights[0][projection].slice_bounds
+            lora_a, lora_b, adapted = _page_contents(adapter, FUSED_PROJECTIONS[projection], bounds, pool)
             pool.lora_a[index] = lora_a.to(pool.lora_a)
             pool.lora_b[index] = lora_b.to(pool.lora_b)
             self._set_ranks(projection, slot, [adapter.rank if layer in adapted else 0
@@ -105,16 +105,15 @@ class SlotPool:
             self.layer_weights[layer][projection].ranks[slot] = rank
 
 
-def _page_contents(adapter: LoraAdapter, targets: tuple[str, ...], pool: ProjectionPool
-                   ) -> tuple[torch.Tensor, torch.Tensor, set[int]]:
+def _page_contents(adapter: LoraAdapter, targets: tuple[str, ...], slice_bounds: list[tuple[int, int]],
+                   pool: ProjectionPool) -> tuple[torch.Tensor, torch.Tensor, set[int]]:
     """One projection's pages of the adapter in every layer: A rows [rank, layers, slices, in] and scaled B
     columns [rank, layers, out], zero for the layers and slices it does not adapt; and the layers it adapts."""
     _, num_layers, num_slices, in_features = pool.lora_a.shape
     lora_a = torch.zeros(adapter.rank, num_layers, num_slices, in_features)
     lora_b = torch.zeros(adapter.rank, num_layers, pool.lora_b.shape[2])
     adapted: set[int] = set()
-    ends = list(itertools.accumulate(pool.slice_sizes))
-    for index, (target, end) in enumerate(zip(targets, ends)):
+    for index, (target, (start, end)) in enumerate(zip(targets, slice_bounds)):
         layers = [layer for layer in range(num_layers) if (layer, target) in adapter.weights]
         if not layers:
             continue
@@ -122,7 +121,7 @@ def _page_contents(adapter: LoraAdapter, targets: tuple[str, ...], pool: Project
         rows = torch.tensor(layers)
         lora_a[:, rows, index] = torch.stack([adapter.weights[(layer, target)][0] for layer in layers], 1).float()
         target_b = torch.stack([adapter.weights[(layer, target)][1] for layer in layers], 1).float()  # [out, l, r]
-        lora_b[:, rows, end - pool.slice_sizes[index]:end] = target_b.permute(2, 1, 0) * adapter.scale
+        lora_b[:, rows, start:end] = target_b.permute(2, 1, 0) * adapter.scale
     return lora_a, lora_b, adapted
 
 

@@ -10,7 +10,6 @@ import loraserve.adapters.registry as registry_module
 from loraserve.config import ServerConfig
 from loraserve.engine.engine import IDLE_WAIT_SECONDS, LLMEngine
 from loraserve.engine.sampling_params import SamplingParams
-from loraserve.kernels.cpu_lora import KERNEL
 from loraserve.model.loader import load_model
 from loraserve.model.quantization import quantize
 from tests.api.lora_helpers import peft_greedy, peft_model, save_random_adapter
@@ -25,11 +24,7 @@ ADAPTERS = {
 PROMPTS = [[5, 17, 42, 9], [100, 3, 3, 250, 61, 7, 11], [8] * 13, [300, 200, 100], [12, 13, 14, 15, 16, 17]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built_cpu_kernel() -> None:
-    """Steps use per-adapter matrix products until the CPU kernel is built; these tests check the kernel."""
-    KERNEL.start()
-    assert KERNEL.done.wait(timeout=600) and KERNEL.get() is not None
+pytestmark = pytest.mark.usefixtures("built_cpu_lora_kernel")  # the kernel, not the fallback, meets PEFT here
 
 
 @pytest.fixture(scope="module")

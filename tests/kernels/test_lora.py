@@ -3,17 +3,11 @@ against a float64 per-token computation, with slots of different ranks in pages 
 import pytest
 import torch
 
-from loraserve.kernels.cpu_lora import KERNEL
 from loraserve.kernels.lora import LoraMapping, LoraWeights, PaddedLoraMapping, add_lora_cpu, add_lora_reference
 from loraserve.kernels.triton_lora import add_lora_triton
 from tests.kernels.helpers import relative_error
 
-
-@pytest.fixture(scope="module", autouse=True)
-def built_cpu_kernel() -> None:
-    """The CPU kernel builds in the background; these tests need it built (CI has a compiler)."""
-    KERNEL.start()
-    assert KERNEL.done.wait(timeout=600) and KERNEL.get() is not None
+pytestmark = pytest.mark.usefixtures("built_cpu_lora_kernel")
 
 
 KERNELS = {"triton": add_lora_triton, "cpu": add_lora_cpu, "reference": add_lora_reference}
