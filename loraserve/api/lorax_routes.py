@@ -8,13 +8,12 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from loraserve.api.generation import (Generation, Submission, engine_of, finite, new_request_id, select_adapter, submit,
                                    tokenize, unless_disconnected)
 from loraserve.api.lorax_schemas import GenerateParameters, GenerateRequest
 from loraserve.api.openapi import LORAX_GENERATION_ERRORS, STREAM
-from loraserve.api.streaming import add_stream_switch_route, sse_events
+from loraserve.api.streaming import EventStream, add_stream_switch_route, sse_events
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.outputs import TokenLogprob
 from loraserve.model.tokenizer import Tokenizer
@@ -106,9 +105,9 @@ async def generate(request: Request, job: LoraxJob = Depends(submitted_generate)
     return await generate_once(request, job)
 
 
-@router.post("/generate_stream", response_class=EventSourceResponse,
+@router.post("/generate_stream", response_class=EventStream,
              responses={200: {"content": STREAM}, **LORAX_GENERATION_ERRORS})
-async def generate_stream(job: LoraxJob = Depends(submitted_generate)) -> AsyncIterator[ServerSentEvent]:
+async def generate_stream(job: LoraxJob = Depends(submitted_generate)) -> AsyncIterator[bytes]:
     async for event in sse_events(token_events(job), openai=False):
         yield event
 

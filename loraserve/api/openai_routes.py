@@ -6,7 +6,6 @@ submits its requests before either answers, and aborts what still runs once the 
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.sse import ServerSentEvent
 
 from loraserve.api.errors import InvalidRequestError
 from loraserve.api.generation import (Generation, engine_of, new_request_id, select_adapter, submit, tokenize,
@@ -88,7 +87,7 @@ async def create_chat_completion(request: Request, job: OpenAIJob = Depends(subm
 
 
 async def stream_completion(request: Request,
-                            job: OpenAIJob = Depends(submitted_completion)) -> AsyncIterator[ServerSentEvent]:
+                            job: OpenAIJob = Depends(submitted_completion)) -> AsyncIterator[bytes]:
     """Echoed prompts first (when asked), then each output's text; the last one carries finish_reason."""
     tokenizer = engine_of(request).tokenizer
     num_choices = len(job.submission.streams)
@@ -107,7 +106,7 @@ async def stream_completion(request: Request,
 
 
 async def stream_chat_completion(request: Request,
-                                 job: OpenAIJob = Depends(submitted_chat)) -> AsyncIterator[ServerSentEvent]:
+                                 job: OpenAIJob = Depends(submitted_chat)) -> AsyncIterator[bytes]:
     """A role delta per choice, then content deltas, then a chunk with each choice's finish_reason."""
     tokenizer = engine_of(request).tokenizer
 
