@@ -69,13 +69,16 @@ class SlotPool:
         return len(self._free_pages)
 
     def take_pages(self, count: int) -> list[int]:
+        """The lowest free pages, ascending: mostly one run of consecutive pages, which `write` fills in a few
+        strided copies."""
         assert count <= len(self._free_pages), f"{count} pages asked for, {len(self._free_pages)} free"
-        taken = self._free_pages[-count:]
+        taken = self._free_pages[:-count - 1:-1]
         del self._free_pages[-count:]
         return taken
 
     def return_pages(self, pages: list[int]) -> None:
         self._free_pages.extend(pages)
+        self._free_pages.sort(reverse=True)  # a stack with the lowest page on top
 
     def write(self, slot: int, pages: list[int], adapter: LoraAdapter) -> None:
         """Copy the adapter into `pages` (one per rank component) and point the slot at them."""
@@ -83,9 +86,7 @@ class SlotPool:
         index = torch.tensor(pages, device=self.slot_pages.device)
         for projection, pool in self._pools.items():
             bounds = self.layer_weights[0][projection].slice_bounds
-            lora_a, lora_b, adapted = _page_contents(adapter, FUSED_PROJECTIONS[projection], bounds, pool)
-            pool.lora_a[index] = lora_a.to(pool.lora_a)
-            pool.lora_b[index] = lora_b.to(pool.lora_b)
+            adapted = _fill_pages(pool, pages, adapter, FUSED_PROJECTIONS[projection], bounds)
             self._set_ranks(projection, slot, [adapter.rank if layer in adapted else 0
                                                for layer in range(len(self.layer_weights))])
         self.slot_pages[slot] = 0
@@ -105,24 +106,49 @@ class SlotPool:
             self.layer_weights[layer][projection].ranks[slot] = rank
 
 
-def _page_contents(adapter: LoraAdapter, targets: tuple[str, ...], slice_bounds: list[tuple[int, int]],
-                   pool: ProjectionPool) -> tuple[torch.Tensor, torch.Tensor, set[int]]:
-    """One projection's pages of the adapter in every layer: A rows [rank, layers, slices, in] and scaled B
-    columns [rank, layers, out], zero for the layers and slices it does not adapt; and the layers it adapts."""
-    _, num_layers, num_slices, in_features = pool.lora_a.shape
-    lora_a = torch.zeros(adapter.rank, num_layers, num_slices, in_features)
-    lora_b = torch.zeros(adapter.rank, num_layers, pool.lora_b.shape[2])
-    adapted: set[int] = set()
-    for index, (target, (start, end)) in enumerate(zip(targets, slice_bounds)):
-        layers = [layer for layer in range(num_layers) if (layer, target) in adapter.weights]
-        if not layers:
-            continue
-        adapted.update(layers)
-        rows = torch.tensor(layers)
-        lora_a[:, rows, index] = torch.stack([adapter.weights[(layer, target)][0] for layer in layers], 1).float()
-        target_b = torch.stack([adapter.weights[(layer, target)][1] for layer in layers], 1).float()  # [out, l, r]
-        lora_b[:, rows, start:end] = target_b.permute(2, 1, 0) * adapter.scale
-    return lora_a, lora_b, adapted
+def _fill_pages(pool: ProjectionPool, pages: list[int], adapter: LoraAdapter, targets: tuple[str, ...],
+                slice_bounds: list[tuple[int, int]]) -> set[int]:
+    """Write one projection's pages of the adapter in place: A rows and scaled B columns where it adapts a layer's
+    slice, zero elsewhere (kernels may read a page in every layer up to the slot's rank); returns the layers it
+    adapts. Pages are written a run of consecutive ones at a time, as strided copies: no page-sized temporaries,
+    and no element-wise index_put."""
+    stacked, adapted = {}, set()
+    for target in targets:
+        layers = [layer for layer in range(pool.lora_a.shape[1]) if (layer, target) in adapter.weights]
+        if layers:
+            adapted.update(layers)
+            lora_a = torch.stack([adapter.weights[(layer, target)][0] for layer in layers], 1)  # [rank, layers, in]
+            lora_b = torch.stack([adapter.weights[(layer, target)][1] for layer in layers])  # [layers, out, rank]
+            scaled = lora_b.permute(2, 0, 1).float() * adapter.scale  # scaled in float32: [rank, layers, out]
+            stacked[target] = (_layer_index(layers), lora_a.to(pool.lora_a), scaled.to(pool.lora_b))
+    for offset, first, count in _runs(pages):
+        page_a, page_b = pool.lora_a[first:first + count], pool.lora_b[first:first + count]
+        page_a.zero_()
+        page_b.zero_()
+        for slice_index, (target, (start, end)) in enumerate(zip(targets, slice_bounds)):
+            if target in stacked:
+                layers, lora_a, lora_b = stacked[target]
+                page_a[:, layers, slice_index] = lora_a[offset:offset + count]
+                page_b[:, layers, start:end] = lora_b[offset:offset + count]
+    return adapted
+
+
+def _layer_index(layers: list[int]) -> slice | torch.Tensor:
+    """A slice where the layers are consecutive (the usual case: a plain strided copy), else an index."""
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return slice(layers[0], layers[-1] + 1)
+    return torch.tensor(layers)
+
+
+def _runs(pages: list[int]) -> list[tuple[int, int, int]]:
+    """(offset in `pages`, first page, count) of each run of consecutive page numbers."""
+    runs: list[tuple[int, int, int]] = []
+    for offset, page in enumerate(pages):
+        if runs and runs[-1][1] + runs[-1][2] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((offset, page, 1))
+    return runs
 
 
 def _allocate(base: BaseModelShape, targets: tuple[str, ...], num_pages: int, num_slots: int,

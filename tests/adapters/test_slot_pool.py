@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from loraserve.adapters.format import load_adapter
+from loraserve.adapters.format import BaseModelShape, LoraAdapter, load_adapter
 from loraserve.adapters.slot_pool import SlotPool, page_bytes
 from loraserve.kernels.lora import LoraMapping, add_lora_reference
 from tests.adapters.helpers import BASE, read_tensors, tensor_name
@@ -95,3 +95,48 @@ def test_page_bytes_and_shapes_follow_the_base_model() -> None:
     assert pool.layer_weights[0]["down_proj"].lora_a.shape == (6, 1, 128)
     per_layer = (3 * 64 + 128) + (64 + 64) + (2 * 64 + 256) + (128 + 64)
     assert page_bytes(BASE, torch.bfloat16) == per_layer * BASE.num_layers * 2
+
+
+def random_adapter(base: BaseModelShape, rank: int, modules: list[tuple[int, str]], seed: int) -> LoraAdapter:
+    generator = torch.Generator().manual_seed(seed)
+    weights = {(layer, target): (torch.randn(rank, base.module_shapes[target][0], generator=generator),
+                                 torch.randn(base.module_shapes[target][1], rank, generator=generator))
+               for layer, target in modules}
+    return LoraAdapter(rank=rank, alpha=2.0 * rank, use_rslora=False, targets=sorted({t for _, t in modules}),
+                       size_bytes=0, weights=weights)
+
+
+def test_pages_split_into_runs_and_layers_with_gaps_hold_exactly_the_new_adapter() -> None:
+    """Pages reused out of order (two runs), after an adapter of every layer and target left them dirty, and an
+    adapter of layers 0, 2 and 3 only: every page in every layer must hold its A rows and scaled B columns or
+    zeros (the CUDA kernel reads a slot's pages in every layer, adapted or not)."""
+    base = BaseModelShape.for_llama(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4,
+                                    num_kv_heads=2, head_dim=16)
+    pool = SlotPool(base, num_slots=3, num_pages=12, max_rank=MAX_RANK, device=torch.device("cpu"),
+                    dtype=torch.float32)
+    everything = [(layer, target) for layer in range(4) for target in base.module_shapes]
+    dirty, kept = pool.take_pages(8), pool.take_pages(2)
+    pool.write(0, dirty, random_adapter(base, 8, everything, seed=1))
+    pool.clear(0)
+    pool.return_pages(dirty[:3] + dirty[5:])  # pages 1-3 and 6-8 free again; 4, 5 stay taken
+    pages = pool.take_pages(6)
+    assert pages == [1, 2, 3, 6, 7, 8] and kept == [9, 10]
+    adapter = random_adapter(base, 6, [(0, "q_proj"), (2, "q_proj"), (3, "q_proj"), (2, "up_proj")], seed=2)
+    pool.write(1, pages, adapter)
+    for layer in range(4):
+        qkv, gate_up = pool.layer_weights[layer]["qkv_proj"], pool.layer_weights[layer]["gate_up_proj"]
+        expected_a = torch.zeros(6, 3, 64)
+        expected_b = torch.zeros(6, 128)
+        if (layer, "q_proj") in adapter.weights:
+            lora_a, lora_b = adapter.weights[(layer, "q_proj")]
+            expected_a[:, 0] = lora_a
+            expected_b[:, :64] = lora_b.T * adapter.scale
+        torch.testing.assert_close(qkv.lora_a[pages], expected_a)
+        torch.testing.assert_close(qkv.lora_b[pages], expected_b)
+        expected_up = torch.zeros(6, 256)
+        if (layer, "up_proj") in adapter.weights:
+            expected_up[:, 128:] = adapter.weights[(layer, "up_proj")][1].T * adapter.scale
+        torch.testing.assert_close(gate_up.lora_b[pages], expected_up)
+        assert not pool.layer_weights[layer]["down_proj"].lora_a[pages].any()
+        assert qkv.ranks[1] == (6 if layer != 1 else 0) and gate_up.ranks[1] == (6 if layer == 2 else 0)
+    assert pool.slot_pages[1, :6].tolist() == pages
