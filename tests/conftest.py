@@ -1,23 +1,26 @@
 """Triton runs on the CPU through its interpreter unless a GPU is present.
 
 The variable must be set before triton is first imported (other test packages import libraries that import it),
-hence here, in the root conftest, which pytest imports before any test module. The CPU LoRA kernel's fixture is
-here too: kernel and engine tests share it.
+hence here, in the root conftest, which pytest imports before any test module. The CPU kernels' fixture is here
+too: every test runs with them built, as a server soon does, so no test's numbers depend on how far a build got.
 """
 import os
 
 import pytest
 import torch
 
-from loraserve.kernels.cpu_lora import KERNEL
+from loraserve.kernels import cpu_attention, cpu_int4, cpu_lora
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
-@pytest.fixture(scope="session")
-def built_cpu_lora_kernel() -> None:
-    """The CPU LoRA kernel builds in the background (steps use per-adapter matrix products until then); tests
-    that check the kernel wait for it, and fail without it: CI has a compiler."""
-    KERNEL.start()
-    assert KERNEL.done.wait(timeout=600) and KERNEL.get() is not None
+@pytest.fixture(scope="session", autouse=True)
+def built_cpu_kernels() -> None:
+    """The C++ kernels build in the background (steps use the torch paths until then); tests wait for them, and
+    fail without them: CI has a compiler."""
+    kernels = (cpu_lora.KERNEL, cpu_attention.KERNEL, cpu_int4.KERNEL)
+    for kernel in kernels:
+        kernel.start()
+    for kernel in kernels:
+        assert kernel.done.wait(timeout=600) and kernel.get() is not None, f"the {kernel.name} kernel did not build"

@@ -10,6 +10,8 @@ from functools import cached_property
 
 import torch
 
+from loraserve.kernels import cpu_attention
+
 
 @dataclass
 class QueryPadding:
@@ -91,6 +93,10 @@ def paged_attention(
     if query.is_cuda:
         from loraserve.kernels.triton_paged_attention import paged_attention_triton
         return paged_attention_triton(query, key_cache, value_cache, metadata, scale)
+    kernel = cpu_attention.KERNEL.get()
+    if kernel is not None and metadata.max_query_len <= cpu_attention.SHORT_QUERY:
+        return kernel.paged_attention(query.contiguous(), key_cache, value_cache, metadata.block_tables,
+                                      metadata.seq_lens, metadata.query_start_loc, scale)
     return paged_attention_reference(query, key_cache, value_cache, metadata, scale)
 
 

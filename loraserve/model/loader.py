@@ -53,6 +53,8 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype | None,
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.pack(dtype if keep_dense else None)
+    if bits is not None:
+        model.quantize_head()
     return LoadedModel(model.eval(), checkpoint.config, checkpoint.tokenizer, name)
 
 

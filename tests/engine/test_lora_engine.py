@@ -24,7 +24,6 @@ ADAPTERS = {
 PROMPTS = [[5, 17, 42, 9], [100, 3, 3, 250, 61, 7, 11], [8] * 13, [300, 200, 100], [12, 13, 14, 15, 16, 17]]
 
 
-pytestmark = pytest.mark.usefixtures("built_cpu_lora_kernel")  # the kernel, not the fallback, meets PEFT here
 
 
 @pytest.fixture(scope="module")
@@ -188,12 +187,15 @@ def test_a_step_with_nothing_to_run_waits_for_the_load_instead_of_spinning(model
 
 
 def dequantized_peft_model(model_dir: Path, adapter_dir: Path | None, bits: int) -> torch.nn.Module:
-    """PEFT over the base model whose layers' projections are replaced by what their quantized codes stand for."""
+    """PEFT over the base model whose layers' projections are replaced by what their quantized codes stand for,
+    and its head by what its int8 codes stand for (its own copy: the input embedding stays float)."""
     model = peft_model(model_dir, adapter_dir)
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and ".layers." in name and "lora_" not in name:
                 module.weight.copy_(quantize(module.weight, bits).dequantize())
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(quantize(head.weight, 8).dequantize())
     return model
 
 

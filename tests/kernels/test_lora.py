@@ -7,7 +7,6 @@ from loraserve.kernels.lora import LoraMapping, LoraWeights, PaddedLoraMapping, 
 from loraserve.kernels.triton_lora import add_lora_triton
 from tests.kernels.helpers import relative_error
 
-pytestmark = pytest.mark.usefixtures("built_cpu_lora_kernel")
 
 
 KERNELS = {"triton": add_lora_triton, "cpu": add_lora_cpu, "reference": add_lora_reference}

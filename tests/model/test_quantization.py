@@ -102,6 +102,19 @@ def test_quantized_model_matches_its_dequantized_float_model(tmp_path, quantizat
     assert ours.argmax() == expected.argmax()
 
 
+def test_a_quantized_model_reads_its_head_as_int8_for_a_few_rows(tmp_path):
+    """Decodes' logits through the head's int8 codes (activations in bfloat16), many rows (prompt scoring)
+    through the float head itself."""
+    model = load_model(str(save_tiny_llama(tmp_path / "model")), torch.device("cpu"), torch.float32, "int4").model
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(INT_KERNEL_MAX_TOKENS + 1, model.config.hidden_size, generator=generator)
+    expected = hidden.double() @ quantize(model.head_weight.detach(), 8).dequantize().double().T
+    few = model.compute_logits(hidden[:INT_KERNEL_MAX_TOKENS])
+    assert ((few.double() - expected[:INT_KERNEL_MAX_TOKENS]).norm() / expected.norm()) < 1e-2
+    with torch.no_grad():
+        assert torch.equal(model.compute_logits(hidden), hidden @ model.head_weight.T)
+
+
 def test_quantization_is_refused_off_the_cpu(tmp_path):
     directory = save_tiny_llama(tmp_path / "model")
     with pytest.raises(Exception, match="CPU only"):

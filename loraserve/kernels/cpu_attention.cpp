@@ -1,0 +1,134 @@
+// Paged attention on the CPU for steps of short queries (decodes, and drafts being verified): each query row reads
+// its sequence's keys and values where they lie in the paged cache, through the block table. The torch path
+// gathers every sequence's context into a padded batch, builds a mask and runs a masked SDPA in every layer, which
+// on a small CPU costs more than the attention itself.
+//
+// One task per (sequence, key/value head): the query heads that share a key/value head (grouped-query attention)
+// read each key and value row once between them. Scores and sums in float32, whatever the cache's dtype; the
+// reference is `paged_attention_reference` (and a float64 computation in the tests).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+struct Layout {
+    int64_t num_heads, num_kv_heads, head_dim, block_size, table_stride;
+    const int32_t* block_tables;  // [sequences, table_stride]
+    const int32_t* seq_lens;  // [sequences]: context length, the new tokens included
+    const int32_t* query_start;  // [sequences + 1]
+    float scale;
+};
+
+template <typename scalar_t>
+float dot(const float* query, const scalar_t* key, int64_t length) {
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t index = 0; index < length; ++index) total += query[index] * static_cast<float>(key[index]);
+    return total;
+}
+
+// Each row of scores [group, visible] turned into softmax weights in place, so the value pass only multiplies and
+// adds.
+void softmax_rows(float* scores, int64_t group, int64_t visible) {
+    for (int64_t head = 0; head < group; ++head) {
+        float* row = scores + head * visible;
+        float largest = -INFINITY;
+        for (int64_t key = 0; key < visible; ++key) largest = std::max(largest, row[key]);
+        float total = 0.0f;
+        for (int64_t key = 0; key < visible; ++key) {
+            row[key] = std::exp(row[key] - largest);
+            total += row[key];
+        }
+        const float inverse = 1.0f / total;
+        for (int64_t key = 0; key < visible; ++key) row[key] *= inverse;
+    }
+}
+
+// Every query row of one sequence, for the query heads of one key/value head.
+template <typename scalar_t>
+void attend(const Layout& layout, const scalar_t* query, const scalar_t* key_cache, const scalar_t* value_cache,
+            scalar_t* output, int64_t sequence, int64_t kv_head, std::vector<float>& scores,
+            std::vector<float>& queries, std::vector<float>& sums) {
+    const int64_t group = layout.num_heads / layout.num_kv_heads, head_dim = layout.head_dim;
+    const int64_t first_row = layout.query_start[sequence], last_row = layout.query_start[sequence + 1];
+    const int64_t context = layout.seq_lens[sequence], query_length = last_row - first_row;
+    const int32_t* table = layout.block_tables + sequence * layout.table_stride;
+    const int64_t row_stride = layout.num_kv_heads * head_dim;  // between a block's consecutive slots
+    for (int64_t row = first_row; row < last_row; ++row) {
+        const int64_t visible = context - query_length + (row - first_row) + 1;  // causal: up to its own position
+        scores.resize(group * visible);
+        queries.resize(group * head_dim);
+        sums.assign(group * head_dim, 0.0f);
+        for (int64_t head = 0; head < group; ++head) {
+            const scalar_t* source = query + (row * layout.num_heads + kv_head * group + head) * head_dim;
+            for (int64_t index = 0; index < head_dim; ++index)
+                queries[head * head_dim + index] = static_cast<float>(source[index]) * layout.scale;
+        }
+        for (int64_t start = 0; start < visible; start += layout.block_size) {
+            const int64_t block = table[start / layout.block_size];
+            const int64_t count = std::min(layout.block_size, visible - start);
+            const scalar_t* keys = key_cache + (block * layout.block_size * layout.num_kv_heads + kv_head) * head_dim;
+            for (int64_t slot = 0; slot < count; ++slot)
+                for (int64_t head = 0; head < group; ++head)
+                    scores[head * visible + start + slot] =
+                        dot(queries.data() + head * head_dim, keys + slot * row_stride, head_dim);
+        }
+        softmax_rows(scores.data(), group, visible);
+        for (int64_t start = 0; start < visible; start += layout.block_size) {
+            const int64_t block = table[start / layout.block_size];
+            const int64_t count = std::min(layout.block_size, visible - start);
+            const scalar_t* values = value_cache + (block * layout.block_size * layout.num_kv_heads + kv_head) * head_dim;
+            for (int64_t slot = 0; slot < count; ++slot) {
+                const scalar_t* value = values + slot * row_stride;
+                for (int64_t head = 0; head < group; ++head) {
+                    const float weight = scores[head * visible + start + slot];
+                    float* target = sums.data() + head * head_dim;
+#pragma omp simd
+                    for (int64_t index = 0; index < head_dim; ++index)
+                        target[index] += weight * static_cast<float>(value[index]);
+                }
+            }
+        }
+        for (int64_t head = 0; head < group; ++head) {
+            scalar_t* target = output + (row * layout.num_heads + kv_head * group + head) * head_dim;
+            for (int64_t index = 0; index < head_dim; ++index) target[index] = sums[head * head_dim + index];
+        }
+    }
+}
+
+}  // namespace
+
+// query [tokens, heads, head_dim] over caches [blocks, block_size, kv_heads, head_dim] -> [tokens, heads, head_dim].
+torch::Tensor paged_attention(torch::Tensor query, torch::Tensor key_cache, torch::Tensor value_cache,
+                              torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
+                              double scale) {
+    TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() && key_cache.scalar_type() == value_cache.scalar_type(),
+                "query and caches in one dtype");
+    TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous()
+                && block_tables.is_contiguous(), "contiguous query, caches and block tables");
+    TORCH_CHECK(block_tables.scalar_type() == torch::kInt && seq_lens.scalar_type() == torch::kInt
+                && query_start_loc.scalar_type() == torch::kInt, "int32 block tables, lengths and starts");
+    TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "query heads split evenly over key/value heads");
+    const Layout layout{query.size(1), key_cache.size(2), query.size(2), key_cache.size(1), block_tables.size(1),
+                        block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+                        query_start_loc.data_ptr<int32_t>(), static_cast<float>(scale)};
+    auto output = torch::empty_like(query);
+    const int64_t num_sequences = seq_lens.size(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention", [&] {
+        at::parallel_for(0, num_sequences * layout.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+            std::vector<float> scores, queries, sums;
+            for (int64_t task = begin; task < end; ++task)
+                attend(layout, query.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(),
+                       value_cache.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), task / layout.num_kv_heads,
+                       task % layout.num_kv_heads, scores, queries, sums);
+        });
+    });
+    return output;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+    module.def("paged_attention", &paged_attention, "Causal attention of short queries through the paged KV cache");
+}
