@@ -6,7 +6,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from loraserve.model.config import ModelConfig
-from loraserve.model.layers.rotary import RotaryEmbedding, apply_rotary, inverse_frequencies
+from loraserve.kernels.fused import apply_rotary
+from loraserve.model.layers.rotary import RotaryEmbedding, inverse_frequencies
 
 SCALINGS = {
     "default": None,

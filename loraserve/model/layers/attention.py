@@ -2,10 +2,10 @@
 import torch
 from torch import nn
 
-from loraserve.kernels.attention import AttentionMetadata, paged_attention, write_kv_cache
+from loraserve.kernels.attention import AttentionMetadata, paged_attention
+from loraserve.kernels.fused import rotate_and_cache
 from loraserve.model.layers.lora import LayerLora, project
 from loraserve.model.layers.quantized_linear import linear_layer
-from loraserve.model.layers.rotary import apply_rotary
 
 
 class Attention(nn.Module):
@@ -32,11 +32,6 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """hidden [num_tokens, hidden_size] -> [num_tokens, hidden_size]; writes this layer's cache slots."""
         qkv = project(self.qkv_proj, hidden, lora, "qkv_proj")
-        query, key, value = qkv.split([self.query_size, self.kv_size, self.kv_size], dim=-1)
-        query = apply_rotary(query.view(-1, self.num_heads, self.head_dim), *rope)
-        key = apply_rotary(key.view(-1, self.num_kv_heads, self.head_dim), *rope)
-        value = value.view(-1, self.num_kv_heads, self.head_dim)
-        key_cache, value_cache = kv_cache
-        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
-        output = paged_attention(query, key_cache, value_cache, metadata, self.scale)
+        query = rotate_and_cache(qkv, *rope, kv_cache, metadata.slot_mapping, self.num_heads)
+        output = paged_attention(query, *kv_cache, metadata, self.scale)
         return project(self.o_proj, output.reshape(-1, self.query_size), lora, "o_proj")

@@ -1,8 +1,8 @@
 """The gated feed-forward block, with gate and up projections fused into one matmul."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from loraserve.kernels.fused import silu_and_mul
 from loraserve.model.layers.lora import LayerLora, project
 from loraserve.model.layers.quantized_linear import linear_layer
 
@@ -16,5 +16,5 @@ class MLP(nn.Module):
         self.down_proj = linear_layer(intermediate_size, hidden_size, weight_bits)
 
     def forward(self, hidden: torch.Tensor, lora: LayerLora | None = None) -> torch.Tensor:
-        gate, up = project(self.gate_up_proj, hidden, lora, "gate_up_proj").chunk(2, dim=-1)
-        return project(self.down_proj, F.silu(gate) * up, lora, "down_proj")
+        return project(self.down_proj, silu_and_mul(project(self.gate_up_proj, hidden, lora, "gate_up_proj")), lora,
+                       "down_proj")

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from loraserve.kernels.fused import rms_norm
+
 
 class RMSNorm(nn.Module):
     """Scales each token's vector to unit RMS, then by a learned per-channel weight."""
@@ -12,7 +14,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden.dtype
-        hidden = hidden.float()
-        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * hidden.to(input_dtype)
+        return rms_norm(hidden, self.weight, self.eps)

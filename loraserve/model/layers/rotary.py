@@ -47,11 +47,5 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each [num_tokens, 1, head_dim // 2], broadcasting over heads."""
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return cos, sin
+        return cos.contiguous(), sin.contiguous()  # once a step, for every layer's fused rotary
 
-
-def apply_rotary(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel i with channel i + head_dim/2 of states [num_tokens, heads, head_dim]."""
-    cos, sin = cos.to(states.dtype), sin.to(states.dtype)
-    first, second = states.chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
