@@ -1,7 +1,8 @@
 """The CPU's 4-bit weight kernel (`cpu_int4.cpp`): grouped codes with scales and minimums times int16-quantized
-activations, integer dot products per group as llama.cpp runs Q4_1. PyTorch's `_weight_int4pack_mm_for_cpu` reads the same weights at a fraction of
-this machine's bandwidth for a decode's few rows, and takes only bfloat16 activations (two conversions a call).
-Built like the other C++ kernels (`cpp_extension`); until it is, layers use PyTorch's kernel."""
+activations, integer dot products per group as llama.cpp runs Q4_1. PyTorch's `_weight_int4pack_mm_for_cpu` reads
+the same weights at a fraction of this machine's bandwidth for a decode's few rows, and takes only bfloat16
+activations (two conversions a call). Built like the other C++ kernels (`cpp_extension`); until it is, layers use
+PyTorch's kernel."""
 from pathlib import Path
 
 import torch
