@@ -2,6 +2,7 @@
 the CPU each runs as one C++ call (`cpu_fused.cpp`, built in the background like the other kernels); on CUDA, or
 until the build is done, as the torch forms here, which are also what the C++ ones are tested against."""
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from loraserve.kernels.cpp_extension import BackgroundExtension
 KERNEL = BackgroundExtension("cpu_fused", Path(__file__).with_name("cpu_fused.cpp"))
 
 
-def cpu_kernel(tensor: torch.Tensor):  # noqa: ANN201 - the extension module, or None
+def cpu_kernel(tensor: torch.Tensor) -> ModuleType | None:
     return None if tensor.is_cuda else KERNEL.get()
 
 

@@ -9,7 +9,7 @@ from loraserve.model.config import ModelConfig
 from loraserve.model.layers.attention import Attention
 from loraserve.model.layers.lora import LayerLora
 from loraserve.model.layers.mlp import MLP
-from loraserve.model.layers.quantized_linear import INT_KERNEL_MAX_TOKENS, QuantizedLinear
+from loraserve.model.layers.quantized_linear import QuantizedLinear
 from loraserve.model.layers.rmsnorm import RMSNorm
 from loraserve.model.layers.rotary import RotaryEmbedding
 
@@ -79,7 +79,7 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] -> float32 logits [N, vocab_size], through the tied embedding if there is no head."""
-        if self.quantized_head is not None and hidden.shape[0] <= INT_KERNEL_MAX_TOKENS:
+        if self.quantized_head is not None:  # int8 for a few rows, the float head itself for many
             return self.quantized_head(hidden).float()
         return F.linear(hidden, self.head_weight).float()
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from loraserve.kernels import fused
 from loraserve.kernels.attention import write_kv_cache_reference
 from loraserve.kernels.fused import apply_rotary, rms_norm_reference
+from tests.kernels.helpers import relative_error
 
 TOLERANCES = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -17,8 +18,7 @@ def random(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> to
 
 def assert_close(output: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     assert output.dtype == expected.dtype and output.shape == expected.shape
-    error = (output.double() - expected.double()).norm() / expected.double().norm()
-    assert error < TOLERANCES[dtype], error
+    assert relative_error(output, expected) < TOLERANCES[dtype]
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES))

@@ -8,6 +8,7 @@ from loraserve.kernels import cpu_int4
 from loraserve.kernels.cpu_int4 import GROUP_SIZE, pack_int4
 from loraserve.model.layers.quantized_linear import QuantizedLinear
 from loraserve.model.quantization import QuantizedTensor
+from tests.kernels.helpers import relative_error
 
 
 def random_codes(rows: int, columns: int, seed: int) -> QuantizedTensor:
@@ -22,10 +23,6 @@ def random_codes(rows: int, columns: int, seed: int) -> QuantizedTensor:
 def run(quantized: QuantizedTensor, x: torch.Tensor) -> torch.Tensor:
     nibbles, scale_and_minimum = pack_int4(quantized.codes, quantized.scales, quantized.minimums)
     return cpu_int4.KERNEL.get().int4_linear(x, nibbles, scale_and_minimum)
-
-
-def relative_error(output: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((output.double() - expected).norm() / expected.norm()).item()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])

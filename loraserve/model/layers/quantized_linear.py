@@ -46,11 +46,13 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bits: int) -> "QuantizedLinear":
-        """A packed layer holding `weight` quantized now."""
+        """A packed layer holding `weight` quantized now, and `weight` itself (shared, not copied) as the dense
+        weight for calls with many tokens."""
         layer = cls(weight.shape[1], weight.shape[0], bits)
         for name, part in quantize(weight, bits).parts().items():
             getattr(layer, name).copy_(part)
         layer.pack()
+        layer.dense = weight
         return layer
 
     def pack(self, dense_dtype: torch.dtype | None = None) -> None:

@@ -48,4 +48,3 @@ class RotaryEmbedding(nn.Module):
         """(cos, sin), each [num_tokens, 1, head_dim // 2], broadcasting over heads."""
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
         return cos.contiguous(), sin.contiguous()  # once a step, for every layer's fused rotary
-
