@@ -8,9 +8,13 @@ llama-server is not installed by pip. Build it from the llama.cpp vendored in ll
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
     cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -G Ninja -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \\
         -DLLAMA_BUILD_SERVER=ON -DCMAKE_BUILD_TYPE=Release && cmake --build build --target llama-server -j2
-then pass --llama-server build/bin/llama-server (it is skipped, with a message, when missing).
+        && cmake --build build --target llama-quantize -j2
+then pass --llama-server build/bin/llama-server (it is skipped, with a message, when missing). Formats other than
+the file's own Q4_1 (--llama-formats) are made with the llama-quantize beside it, from the Q4_1 file (so every
+format holds the same weights, requantized), and kept under --out.
 
-Usage: python -m benchmarks.cpu_peers [--llama-server PATH] [--requests 16] [--max-tokens 128] [--out DIR]
+Usage: python -m benchmarks.cpu_peers [--llama-server PATH] [--llama-formats Q4_1,Q8_0,BF16] [--requests 16]
+                                      [--max-tokens 128] [--out DIR]
 Prints a table, writes cpu_peers.json and cpu_peers.png under --out.
 """
 import argparse
@@ -18,6 +22,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,6 +97,20 @@ def measure_server(command: list[str], port: int, log: Path, args: argparse.Name
         process.wait(timeout=60)
 
 
+def llama_model_file(llama_server: Path, kind: str, out: Path) -> Path | None:
+    """The embedded GGUF file as `kind`: the file itself for Q4_1, else requantized once by llama-quantize."""
+    if kind == "Q4_1":
+        return embedded_gguf_path()
+    target = out / f"SmolLM2-135M-Instruct.{kind}.gguf"
+    quantizer = llama_server.resolve().with_name("llama-quantize")
+    if not target.exists():
+        if not quantizer.exists():
+            return None
+        subprocess.run([str(quantizer), "--allow-requantize", str(embedded_gguf_path()), str(target), kind],
+                       check=True, capture_output=True)
+    return target
+
+
 def perplexities() -> dict[str, float]:
     """Each loraserve format's perplexity over README.md, in process."""
     from loraserve.model.loader import load_model
@@ -130,6 +149,7 @@ def plot(results: dict, concurrency: int, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-server", type=Path, default=Path(os.environ.get("LLAMA_SERVER", "llama-server")))
+    parser.add_argument("--llama-formats", default="Q4_1,Q8_0,BF16", help="llama-server's weight formats to run")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--sequential", type=int, default=4, help="requests sent one at a time")
@@ -144,11 +164,17 @@ def main() -> None:
         command = [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(port), "--model", "embedded", *flags]
         systems[f"loraserve {name}"] = measure_server(command, port, args.out / "loraserve.log", args)
     print("[4/5] llama-server...", file=sys.stderr)
-    if args.llama_server.exists() or subprocess.run(["which", str(args.llama_server)], capture_output=True).returncode == 0:
-        port = free_port()
-        command = [str(args.llama_server), "-m", str(embedded_gguf_path()), "-t", "2", "-np", str(args.concurrency),
-                   "-cb", "--port", str(port), "-c", str(args.concurrency * 512)]
-        systems["llama-server Q4_1"] = measure_server(command, port, args.out / "llama-server.log", args)
+    llama_server = shutil.which(str(args.llama_server))
+    if llama_server is not None:
+        for kind in args.llama_formats.split(","):
+            model = llama_model_file(Path(llama_server), kind, args.out)
+            if model is None:
+                print(f"  {kind} skipped: no llama-quantize beside {args.llama_server}", file=sys.stderr)
+                continue
+            port = free_port()
+            command = [llama_server, "-m", str(model), "-t", "2", "-np", str(args.concurrency), "-cb",
+                       "--port", str(port), "-c", str(args.concurrency * 512)]
+            systems[f"llama-server {kind}"] = measure_server(command, port, args.out / "llama-server.log", args)
     else:
         print(f"  skipped: no llama-server at {args.llama_server} (see this module's docstring)", file=sys.stderr)
     print("[5/5] transformers generate and perplexities...", file=sys.stderr)

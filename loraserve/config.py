@@ -12,7 +12,7 @@ class ServerConfig:
     port: int = 8080
     device: str = "auto"  # auto, cpu or cuda
     dtype: str = "auto"  # auto (bfloat16 on CUDA and for quantized weights on a bf16 CPU, else float32), ...
-    quantization: str = "auto"  # auto (a GGUF file's Q4 layers as int4), none, int4 or int8: weight-only
+    quantization: str = "auto"  # auto (a GGUF file's Q4/Q8_0 layers as stored), none, int4 or int8: weight-only
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides kv_cache_memory when set
     kv_cache_memory: int = 1 << 30  # bytes for the paged KV cache

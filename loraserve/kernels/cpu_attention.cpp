@@ -10,7 +10,13 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -30,21 +36,145 @@ float dot(const float* query, const scalar_t* key, int64_t length) {
     return total;
 }
 
+// exp(value - largest) of 16 floats at once (Cephes' expf: 2^n times a degree-6 polynomial on [-ln 2 / 2,
+// ln 2 / 2], relative error near 1e-7), written with GCC's vector types so one source serves AVX-512 and AVX2:
+// the scalar std::exp was most of a decode's attention time.
+typedef float Floats __attribute__((vector_size(64)));
+typedef int32_t Ints __attribute__((vector_size(64)));
+
+inline Floats exp_below_zero(Floats x) {
+    x = x < -87.0f ? Floats{} - 87.0f : x;  // exp(-87) is 1.6e-38: still a normal float, and no weight
+    Floats scaled = x * 1.44269504088896341f + 0.5f;
+    Floats whole = __builtin_convertvector(__builtin_convertvector(scaled, Ints), Floats);
+    whole = whole > scaled ? whole - 1.0f : whole;  // floor, for the negative ones truncation rounded up
+    x = x - whole * 0.693359375f + whole * 2.12194440e-4f;
+    Floats polynomial = 1.9875691500e-4f * x + 1.3981999507e-3f;
+    polynomial = polynomial * x + 8.3334519073e-3f;
+    polynomial = polynomial * x + 4.1665795894e-2f;
+    polynomial = polynomial * x + 1.6666665459e-1f;
+    polynomial = polynomial * x + 5.0000001201e-1f;
+    polynomial = polynomial * x * x + x + 1.0f;
+    const Ints exponent = (__builtin_convertvector(whole, Ints) + 127) << 23;
+    Floats power;
+    std::memcpy(&power, &exponent, sizeof(power));
+    return polynomial * power;
+}
+
 // Each row of scores [group, visible] turned into softmax weights in place, so the value pass only multiplies and
 // adds.
 void softmax_rows(float* scores, int64_t group, int64_t visible) {
+    constexpr int64_t kLanes = sizeof(Floats) / sizeof(float);
     for (int64_t head = 0; head < group; ++head) {
         float* row = scores + head * visible;
         float largest = -INFINITY;
         for (int64_t key = 0; key < visible; ++key) largest = std::max(largest, row[key]);
         float total = 0.0f;
-        for (int64_t key = 0; key < visible; ++key) {
+        int64_t key = 0;
+        for (; key + kLanes <= visible; key += kLanes) {
+            Floats values;
+            std::memcpy(&values, row + key, sizeof(values));
+            values = exp_below_zero(values - largest);
+            std::memcpy(row + key, &values, sizeof(values));
+            for (int64_t lane = 0; lane < kLanes; ++lane) total += values[lane];
+        }
+        for (; key < visible; ++key) {
             row[key] = std::exp(row[key] - largest);
             total += row[key];
         }
         const float inverse = 1.0f / total;
         for (int64_t key = 0; key < visible; ++key) row[key] *= inverse;
     }
+}
+
+inline float sum_lanes(Floats values) {
+#if defined(__AVX512F__)
+    __m512 vector;
+    std::memcpy(&vector, &values, sizeof(vector));
+    return _mm512_reduce_add_ps(vector);
+#else
+    float total = 0.0f;
+    for (int64_t lane = 0; lane < 16; ++lane) total += values[lane];
+    return total;
+#endif
+}
+
+inline Floats load(const float* source) {
+    Floats values;
+    std::memcpy(&values, source, sizeof(values));
+    return values;
+}
+
+// The scores of `count` keys (a stride apart) for each query head of a group, into scores[head * visible]: a
+// head_dim known when compiled (64, 128) keeps each key in registers for every head, one lane sum per score.
+template <int kDim>
+void score_keys(const float* queries, const float* keys, int64_t stride, int64_t count, int64_t group,
+                float* scores, int64_t visible) {
+    for (int64_t slot = 0; slot < count; ++slot) {
+        Floats key[kDim / 16];
+        for (int64_t part = 0; part < kDim / 16; ++part) key[part] = load(keys + slot * stride + part * 16);
+        for (int64_t head = 0; head < group; ++head) {
+            Floats total = key[0] * load(queries + head * kDim);
+            for (int64_t part = 1; part < kDim / 16; ++part) total += key[part] * load(queries + head * kDim + part * 16);
+            scores[head * visible + slot] = sum_lanes(total);
+        }
+    }
+}
+
+// sums[head] += weights[head * visible + slot] * value[slot] over `count` values, each head's sums in registers.
+template <int kDim>
+void add_values(const float* weights, const float* values, int64_t stride, int64_t count, int64_t group,
+                float* sums, int64_t visible) {
+    for (int64_t head = 0; head < group; ++head) {
+        Floats total[kDim / 16];
+        for (int64_t part = 0; part < kDim / 16; ++part) total[part] = load(sums + head * kDim + part * 16);
+        for (int64_t slot = 0; slot < count; ++slot) {
+            const float weight = weights[head * visible + slot];
+            for (int64_t part = 0; part < kDim / 16; ++part) total[part] += weight * load(values + slot * stride + part * 16);
+        }
+        std::memcpy(sums + head * kDim, total, sizeof(total));
+    }
+}
+
+// The same for any element type and head_dim, one dot product or row at a time.
+template <typename scalar_t>
+void score_keys_any(const float* queries, const scalar_t* keys, int64_t stride, int64_t count, int64_t group,
+                    float* scores, int64_t visible, int64_t head_dim) {
+    for (int64_t slot = 0; slot < count; ++slot)
+        for (int64_t head = 0; head < group; ++head)
+            scores[head * visible + slot] = dot(queries + head * head_dim, keys + slot * stride, head_dim);
+}
+
+template <typename scalar_t>
+void add_values_any(const float* weights, const scalar_t* values, int64_t stride, int64_t count, int64_t group,
+                    float* sums, int64_t visible, int64_t head_dim) {
+    for (int64_t slot = 0; slot < count; ++slot)
+        for (int64_t head = 0; head < group; ++head) {
+            const float weight = weights[head * visible + slot];
+            float* target = sums + head * head_dim;
+            const scalar_t* value = values + slot * stride;
+#pragma omp simd
+            for (int64_t index = 0; index < head_dim; ++index) target[index] += weight * static_cast<float>(value[index]);
+        }
+}
+
+template <typename scalar_t>
+void score_block(const float* queries, const scalar_t* keys, int64_t stride, int64_t count, int64_t group,
+                 float* scores, int64_t visible, int64_t head_dim) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+        if (head_dim == 64) return score_keys<64>(queries, keys, stride, count, group, scores, visible);
+        if (head_dim == 128) return score_keys<128>(queries, keys, stride, count, group, scores, visible);
+    }
+    score_keys_any(queries, keys, stride, count, group, scores, visible, head_dim);
+}
+
+template <typename scalar_t>
+void value_block(const float* weights, const scalar_t* values, int64_t stride, int64_t count, int64_t group,
+                 float* sums, int64_t visible, int64_t head_dim) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+        if (head_dim == 64) return add_values<64>(weights, values, stride, count, group, sums, visible);
+        if (head_dim == 128) return add_values<128>(weights, values, stride, count, group, sums, visible);
+    }
+    add_values_any(weights, values, stride, count, group, sums, visible, head_dim);
 }
 
 // Every query row of one sequence, for the query heads of one key/value head.
@@ -71,26 +201,14 @@ void attend(const Layout& layout, const scalar_t* query, const scalar_t* key_cac
             const int64_t block = table[start / layout.block_size];
             const int64_t count = std::min(layout.block_size, visible - start);
             const scalar_t* keys = key_cache + (block * layout.block_size * layout.num_kv_heads + kv_head) * head_dim;
-            for (int64_t slot = 0; slot < count; ++slot)
-                for (int64_t head = 0; head < group; ++head)
-                    scores[head * visible + start + slot] =
-                        dot(queries.data() + head * head_dim, keys + slot * row_stride, head_dim);
+            score_block(queries.data(), keys, row_stride, count, group, scores.data() + start, visible, head_dim);
         }
         softmax_rows(scores.data(), group, visible);
         for (int64_t start = 0; start < visible; start += layout.block_size) {
             const int64_t block = table[start / layout.block_size];
             const int64_t count = std::min(layout.block_size, visible - start);
             const scalar_t* values = value_cache + (block * layout.block_size * layout.num_kv_heads + kv_head) * head_dim;
-            for (int64_t slot = 0; slot < count; ++slot) {
-                const scalar_t* value = values + slot * row_stride;
-                for (int64_t head = 0; head < group; ++head) {
-                    const float weight = scores[head * visible + start + slot];
-                    float* target = sums.data() + head * head_dim;
-#pragma omp simd
-                    for (int64_t index = 0; index < head_dim; ++index)
-                        target[index] += weight * static_cast<float>(value[index]);
-                }
-            }
+            value_block(scores.data() + start, values, row_stride, count, group, sums.data(), visible, head_dim);
         }
         for (int64_t head = 0; head < group; ++head) {
             scalar_t* target = output + (row * layout.num_heads + kv_head * group + head) * head_dim;

@@ -1,5 +1,5 @@
-"""Read a llama-architecture GGUF file: config from metadata, weights (Q4_0/Q4_1 kept as codes and scales, the
-rest dequantized to float32), tokenizer rebuilt."""
+"""Read a llama-architecture GGUF file: config from metadata, weights (Q4_0/Q4_1/Q8_0 matrices kept as codes and
+scales, the rest dequantized to float32), tokenizer rebuilt."""
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from gguf.quants import dequantize
 from loraserve.model.config import ModelConfig
 from loraserve.model.errors import ModelLoadError
 from loraserve.model.gguf_tokenizer import read_gguf_tokenizer
-from loraserve.model.quantization import QuantizedTensor, decode_gguf_q4
+from loraserve.model.quantization import QuantizedTensor, decode_gguf_q4, decode_gguf_q8
 from loraserve.model.weights import Checkpoint
 
 # llama.cpp tensor names -> Hugging Face names (layer parts under "blk.N." map to "layers.N.").
@@ -87,15 +87,18 @@ def gguf_rope_scaling(metadata: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def stored_weight_bits(tensors: list[ReaderTensor]) -> int | None:
-    """4 when every layer matrix is Q4_0 or Q4_1 (served as they are by the int4 kernel), else None."""
-    layer_matrices = [tensor for tensor in tensors if tensor.name.startswith("blk.") and len(tensor.shape) == 2]
-    return 4 if all(tensor.tensor_type in FOUR_BIT_TYPES for tensor in layer_matrices) else None
+    """4 when every layer matrix is Q4_0 or Q4_1, 8 when every one is Q8_0 (served as they are by the quantized
+    kernel), else None."""
+    types = {tensor.tensor_type for tensor in tensors if tensor.name.startswith("blk.") and len(tensor.shape) == 2}
+    if types and types <= set(FOUR_BIT_TYPES):
+        return 4
+    return 8 if types == {GGMLQuantizationType.Q8_0} else None
 
 
 def stream_tensors(tensors: list[ReaderTensor],
                    config: ModelConfig) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
-    """Yield (Hugging Face name, weight) with Q/K rows put back in rotate-half order: Q4_0 and Q4_1 matrices as
-    their codes and scales, everything else as float32."""
+    """Yield (Hugging Face name, weight) with Q/K rows put back in rotate-half order: Q4_0, Q4_1 and Q8_0 matrices
+    as their codes and scales, everything else as float32."""
     rope_heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     for tensor in tensors:
         name = hf_name(tensor.name)
@@ -110,6 +113,8 @@ def read_tensor(tensor: ReaderTensor) -> torch.Tensor | QuantizedTensor:
     shape = [int(size) for size in reversed(tensor.shape)]  # GGUF lists dims innermost first
     if tensor.tensor_type in FOUR_BIT_TYPES and len(shape) == 2:
         return decode_gguf_q4(tensor.data, shape[0], with_minimum=tensor.tensor_type == GGMLQuantizationType.Q4_1)
+    if tensor.tensor_type == GGMLQuantizationType.Q8_0 and len(shape) == 2:
+        return decode_gguf_q8(tensor.data, shape[0])
     weight = torch.from_numpy(np.require(dequantize(tensor.data, tensor.tensor_type), requirements="W"))
     return weight.reshape(shape)
 

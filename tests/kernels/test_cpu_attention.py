@@ -22,6 +22,7 @@ def run_kernel(query_lens: list[int], seq_lens: list[int], num_kv_heads: int, gr
 @pytest.mark.parametrize("num_kv_heads, group, head_dim, block_size", [
     (2, 1, 16, 4),
     (3, 3, 64, 16),  # the embedded model's heads
+    (2, 4, 128, 16),
     (1, 8, 96, 8),
 ])
 def test_decodes_and_drafts_equal_float64(num_kv_heads: int, group: int, head_dim: int, block_size: int) -> None:

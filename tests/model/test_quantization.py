@@ -1,5 +1,7 @@
 """Weight-only quantization: GGUF blocks decoded exactly, quantized layers against their float64 reference, and a
 quantized model against the float model it stands for."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType
@@ -7,8 +9,11 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from loraserve.model.layers.quantized_linear import INT_KERNEL_MAX_TOKENS, QuantizedLinear
+from loraserve.model.gguf_loader import stored_weight_bits
 from loraserve.model.loader import load_model
-from loraserve.model.quantization import INT4_GROUP_SIZE, QuantizedTensor, decode_gguf_q4, quantize
+from loraserve.kernels import cpu_quantized
+from loraserve.kernels.cpu_quantized import pack, unpack
+from loraserve.model.quantization import GROUP_SIZE, QuantizedTensor, decode_gguf_q4, decode_gguf_q8, quantize
 from tests.model.helpers import paged_greedy, paged_prefill, save_tiny_llama
 from tests.model.test_gguf import needs_embedded
 
@@ -22,15 +27,35 @@ def random_weight(rows: int, columns: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, columns, generator=generator) * torch.rand(rows, 1, generator=generator)
 
 
-@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1])
-def test_gguf_four_bit_blocks_decode_exactly(kind):
-    weight = random_weight(48, 128).numpy()
+def decode_gguf(blocks, rows: int, kind: GGMLQuantizationType) -> QuantizedTensor:
+    if kind == GGMLQuantizationType.Q8_0:
+        return decode_gguf_q8(blocks, rows)
+    return decode_gguf_q4(blocks, rows, with_minimum=kind == GGMLQuantizationType.Q4_1)
+
+
+@pytest.mark.parametrize("kind", [GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0])
+def test_gguf_blocks_decode_exactly_into_the_kernels_layout(kind):
+    """Codes and scales as the file stores them: the weight they stand for is gguf's own dequantization, bit for
+    bit, and so is what the kernel's tiled layout holds (40 rows: two tiles and a padded one)."""
+    weight = random_weight(40, 128).numpy()
     blocks = gguf_quantize(weight, kind)
-    decoded = decode_gguf_q4(blocks, 48, with_minimum=kind == GGMLQuantizationType.Q4_1)
-    assert decoded.codes.dtype == torch.uint8 and int(decoded.codes.max()) <= 15
-    assert decoded.group_size == INT4_GROUP_SIZE and decoded.fits_kernel
-    expected = torch.from_numpy(gguf_dequantize(blocks, kind).reshape(48, 128))
+    decoded = decode_gguf(blocks, 40, kind)
+    assert decoded.group_size == GROUP_SIZE and decoded.fits_kernel
+    assert decoded.bits == (8 if kind == GGMLQuantizationType.Q8_0 else 4)
+    expected = torch.from_numpy(gguf_dequantize(blocks, kind).reshape(40, 128))
     assert torch.equal(decoded.dequantize(), expected)
+    codes, *scales = unpack(*pack(decoded.codes, decoded.scales, decoded.minimums, decoded.bits), decoded.bits, 40)
+    minimums = scales[1] if decoded.bits == 4 else None
+    assert torch.equal(QuantizedTensor(codes, scales[0], minimums, decoded.bits).dequantize(), expected)
+
+
+def test_gguf_q8_0_survives_quantizing_its_own_dequantization():
+    """The tied embedding is Q8_0 and the quantized head is made from its float copy: the same codes and scales
+    come back."""
+    blocks = gguf_quantize(random_weight(32, 128).numpy(), GGMLQuantizationType.Q8_0)
+    decoded = decode_gguf_q8(blocks, 32)
+    again = quantize(decoded.dequantize(), 8)
+    assert torch.equal(again.codes, decoded.codes) and torch.equal(again.scales, decoded.scales)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -38,7 +63,9 @@ def test_quantize_on_load_errs_by_at_most_half_a_step(bits):
     weight = random_weight(64, 96)
     quantized = quantize(weight, bits)
     step = quantized.scales.repeat_interleave(quantized.group_size, dim=1)
-    assert ((quantized.dequantize() - weight).abs() <= step / 2 + 1e-6).all()
+    # float16 scales and minimums: the step's and the minimum's rounding (2**-11 relative) on top of half a step
+    slack = 2**-10 * weight.abs().amax(1, keepdim=True)
+    assert ((quantized.dequantize() - weight).abs() <= step / 2 + slack).all()
 
 
 def test_row_selection_keeps_codes_and_scales_together():
@@ -68,6 +95,20 @@ def test_quantized_linear_matches_float64(bits, dtype, num_tokens):
     assert output.dtype == dtype and output.shape == (num_tokens, 96)
     error = (output.double() - expected).abs().max() / expected.abs().max()
     assert error < TOLERANCE, error
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_before_the_kernel_is_built_a_layer_falls_back_to_pytorch(monkeypatch: pytest.MonkeyPatch, bits: int):
+    """Four bits through PyTorch's int4 kernel (bfloat16 activations), eight through the dequantized weight."""
+    quantized = quantize(random_weight(48, 128, seed=bits), bits)
+    layer = quantized_layer(quantized)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+    ours = layer(x)
+    monkeypatch.setattr(cpu_quantized.KERNEL, "module", None)
+    fallback = layer(x)
+    expected = x.double() @ quantized.dequantize().double().T
+    assert fallback.dtype == torch.float32 and not torch.equal(ours, fallback)  # two kernels really ran
+    assert (fallback.double() - expected).abs().max() < TOLERANCE * expected.abs().max()
 
 
 def test_a_layer_that_kept_its_dense_weight_uses_it_for_many_tokens():
@@ -103,8 +144,8 @@ def test_quantized_model_matches_its_dequantized_float_model(tmp_path, quantizat
 
 
 def test_a_quantized_model_reads_its_head_as_int8_for_a_few_rows(tmp_path):
-    """Decodes' logits through the head's int8 codes (activations in bfloat16), many rows (prompt scoring)
-    through the float head itself."""
+    """Decodes' logits through the head's int8 codes (a scale per 32 inputs), many rows (prompt scoring) through
+    the float head itself."""
     model = load_model(str(save_tiny_llama(tmp_path / "model")), torch.device("cpu"), torch.float32, "int4").model
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(INT_KERNEL_MAX_TOKENS + 1, model.config.hidden_size, generator=generator)
@@ -138,3 +179,17 @@ def test_embedded_model_served_as_its_four_bit_codes_answers_paris():
     prompt = loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(messages), add_special_tokens=False)
     answer = paged_greedy(loaded.model, prompt, max_new_tokens=12, block_size=16)
     assert "Paris" in loaded.tokenizer.decode(answer)
+
+
+@pytest.mark.parametrize("types, bits", [
+    ([GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_0], 4),
+    ([GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q8_0], 8),
+    ([GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0], None),
+    ([GGMLQuantizationType.F16, GGMLQuantizationType.F16], None),
+])
+def test_a_gguf_files_layer_types_decide_what_auto_serves(types, bits):
+    """Layers all four-bit: int4; all Q8_0: int8; anything else: float. The embedding's type does not count."""
+    tensors = [SimpleNamespace(name=f"blk.{index}.attn_q.weight", shape=(64, 64), tensor_type=kind)
+               for index, kind in enumerate(types)]
+    tensors.append(SimpleNamespace(name="token_embd.weight", shape=(64, 100), tensor_type=GGMLQuantizationType.Q8_0))
+    assert stored_weight_bits(tensors) == bits
