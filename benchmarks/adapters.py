@@ -152,7 +152,8 @@ def measure(port: int, args: argparse.Namespace, names: list[str]) -> list[dict]
                         "p99_seconds": percentile(latencies, 0.99)})
     base = results[0]
     for entry in results:
-        entry["bound_tokens_per_second"] = base["tokens_per_second"] * BASE_BYTES / (BASE_BYTES + entry["adapter_bytes"])
+        share = BASE_BYTES / (BASE_BYTES + entry["adapter_bytes"])
+        entry["bound_tokens_per_second"] = base["tokens_per_second"] * share
         entry["fraction_of_bound"] = entry["tokens_per_second"] / entry["bound_tokens_per_second"]
         entry["p99_vs_base"] = entry["p99_seconds"] / base["p99_seconds"]
     return results

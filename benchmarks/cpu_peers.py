@@ -75,7 +75,10 @@ async def stream_one(client: httpx.AsyncClient, prompt: str, max_tokens: int) ->
 
 async def load(port: int, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
     """Prompts in waves of `concurrency`; tokens/s over the whole run and the median time to first token."""
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=1200) as client:
+    # A new connection per request: llama-server can close a kept-alive connection just as the next request is
+    # sent on it ("Server disconnected without sending a response").
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=1200, limits=limits) as client:
         await stream_one(client, prompts[0], 4)  # warm-up
         start_time, results = time.perf_counter(), []
         for index in range(0, len(prompts), concurrency):

@@ -248,5 +248,6 @@ torch::Tensor paged_attention(torch::Tensor query, torch::Tensor key_cache, torc
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-    module.def("paged_attention", &paged_attention, "Causal attention of short queries through the paged KV cache");
+    module.def("paged_attention", &paged_attention, "Causal attention of short queries through the paged KV cache",
+               pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -168,5 +168,6 @@ void add_lora_groups(torch::Tensor output, torch::Tensor x, torch::Tensor lora_a
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-    module.def("add_lora_groups", &add_lora_groups, "Grouped LoRA shrink and expand through a page table");
+    module.def("add_lora_groups", &add_lora_groups, "Grouped LoRA shrink and expand through a page table",
+               pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -115,40 +115,40 @@ inline __m512i multiply_add(__m512i sums, __m512i codes, int32_t activation_pair
 }
 
 // Activation rows first..first+count of one tile, its codes and scales as laid out for one tile.
-template <int kBits>
-void tile_rows(const uint8_t* codes, const at::Half* scales, const Activations& x, int64_t first, int64_t count,
+template <int kBits, int kCount>
+void tile_rows(const uint8_t* codes, const at::Half* scales, const Activations& x, int64_t first,
                const TileOutput& out) {
     using F = Format<kBits>;
-    __m512 totals[kRowBlock];
-    for (int64_t row = 0; row < count; ++row) totals[row] = _mm512_setzero_ps();
+    __m512 totals[kCount];
+    for (int64_t row = 0; row < kCount; ++row) totals[row] = _mm512_setzero_ps();
     for (int64_t group = 0; group < x.groups; ++group) {
-        __m512i sums[kRowBlock];
-        for (int64_t row = 0; row < count; ++row) sums[row] = _mm512_setzero_si512();
+        __m512i sums[kCount];
+        for (int64_t row = 0; row < kCount; ++row) sums[row] = _mm512_setzero_si512();
         for (int64_t chunk = 0; chunk < F::kChunks; ++chunk) {
             __m512i pairs[F::kPairsPerChunk];
             unpack<kBits>(codes + chunk * 32, pairs);
-            for (int64_t row = 0; row < count; ++row) {
+            for (int64_t row = 0; row < kCount; ++row) {
                 const int32_t* activations = x.pairs(first + row) + group * kGroup / 2 + chunk * F::kPairsPerChunk;
                 for (int64_t pair = 0; pair < F::kPairsPerChunk; ++pair)
                     sums[row] = multiply_add(sums[row], pairs[pair], activations[pair]);
             }
         }
         const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
-        for (int64_t row = 0; row < count; ++row) {
+        for (int64_t row = 0; row < kCount; ++row) {
             const int64_t index = (first + row) * x.groups + group;
             totals[row] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[row]),
                                           _mm512_mul_ps(scale, _mm512_set1_ps(x.scales[index])), totals[row]);
         }
         if constexpr (kBits == 4) {
             const __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + kTile)));
-            for (int64_t row = 0; row < count; ++row)
+            for (int64_t row = 0; row < kCount; ++row)
                 totals[row] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(x.sums[(first + row) * x.groups + group]),
                                               totals[row]);
         }
         codes += F::kBytes;
         scales += F::kScales;
     }
-    for (int64_t row = 0; row < count; ++row) {
+    for (int64_t row = 0; row < kCount; ++row) {
         alignas(64) float values[kTile];
         _mm512_store_ps(values, totals[row]);
         out.store(first + row, values);
@@ -181,20 +181,20 @@ inline __m256 load_halves(const at::Half* values) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values)));
 }
 
-template <int kBits>
-void tile_rows(const uint8_t* codes, const at::Half* scales, const Activations& x, int64_t first, int64_t count,
+template <int kBits, int kCount>
+void tile_rows(const uint8_t* codes, const at::Half* scales, const Activations& x, int64_t first,
                const TileOutput& out) {
     using F = Format<kBits>;
-    __m256 totals[kRowBlock][2];
-    for (int64_t row = 0; row < count; ++row) totals[row][0] = totals[row][1] = _mm256_setzero_ps();
+    __m256 totals[kCount][2];
+    for (int64_t row = 0; row < kCount; ++row) totals[row][0] = totals[row][1] = _mm256_setzero_ps();
     for (int64_t group = 0; group < x.groups; ++group) {
         for (int64_t half = 0; half < 2; ++half) {
-            __m256i sums[kRowBlock];
-            for (int64_t row = 0; row < count; ++row) sums[row] = _mm256_setzero_si256();
+            __m256i sums[kCount];
+            for (int64_t row = 0; row < kCount; ++row) sums[row] = _mm256_setzero_si256();
             for (int64_t chunk = 0; chunk < F::kChunks; ++chunk) {
                 __m256i pairs[F::kPairsPerChunk];
                 unpack<kBits>(codes + chunk * 32 + half * 16, pairs);
-                for (int64_t row = 0; row < count; ++row) {
+                for (int64_t row = 0; row < kCount; ++row) {
                     const int32_t* activations =
                         x.pairs(first + row) + group * kGroup / 2 + chunk * F::kPairsPerChunk;
                     for (int64_t pair = 0; pair < F::kPairsPerChunk; ++pair)
@@ -202,7 +202,7 @@ void tile_rows(const uint8_t* codes, const at::Half* scales, const Activations& 
                 }
             }
             const __m256 scale = load_halves(scales + half * 8);
-            for (int64_t row = 0; row < count; ++row) {
+            for (int64_t row = 0; row < kCount; ++row) {
                 const int64_t index = (first + row) * x.groups + group;
                 __m256& total = totals[row][half];
                 total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[row]),
@@ -215,7 +215,7 @@ void tile_rows(const uint8_t* codes, const at::Half* scales, const Activations& 
         codes += F::kBytes;
         scales += F::kScales;
     }
-    for (int64_t row = 0; row < count; ++row) {
+    for (int64_t row = 0; row < kCount; ++row) {
         alignas(32) float values[kTile];
         _mm256_store_ps(values, totals[row][0]);
         _mm256_store_ps(values + 8, totals[row][1]);
@@ -230,8 +230,8 @@ inline int32_t code(uint8_t byte, int64_t pair, std::integral_constant<int, 4>) 
 }
 inline int32_t code(uint8_t byte, int64_t, std::integral_constant<int, 8>) { return static_cast<int8_t>(byte); }
 
-template <int kBits>
-void tile_rows(const uint8_t* codes, const at::Half* scales, const Activations& x, int64_t first, int64_t,
+template <int kBits, int kCount>
+void tile_rows(const uint8_t* codes, const at::Half* scales, const Activations& x, int64_t first,
                const TileOutput& out) {
     using F = Format<kBits>;
     float values[kTile] = {};
@@ -257,6 +257,17 @@ void tile_rows(const uint8_t* codes, const at::Half* scales, const Activations& 
 }
 #endif
 
+// Rows first..first+count (at most kRowBlock) with the count known when compiled, so every row's sums stay in
+// registers through the unrolled row loops.
+template <int kBits, int kCount = kRowBlock>
+void row_block(const uint8_t* codes, const at::Half* scales, const Activations& x, int64_t first, int64_t count,
+               const TileOutput& out) {
+    if constexpr (kCount > 1) {
+        if (count < kCount) return row_block<kBits, kCount - 1>(codes, scales, x, first, count, out);
+    }
+    tile_rows<kBits, kCount>(codes, scales, x, first, out);
+}
+
 template <int kBits>
 void all_tiles(const uint8_t* codes, const at::Half* scales, const Activations& x, int64_t rows, int64_t tiles,
                int64_t out_features, float* out) {
@@ -265,7 +276,7 @@ void all_tiles(const uint8_t* codes, const at::Half* scales, const Activations& 
         for (int64_t tile = begin; tile < end; ++tile) {
             const TileOutput target{out + tile * kTile, out_features, std::min(kTile, out_features - tile * kTile)};
             for (int64_t first = 0; first < rows; first += kRowBlock)
-                tile_rows<kBits>(codes + tile * tile_bytes, scales + tile * tile_scales, x, first,
+                row_block<kBits>(codes + tile * tile_bytes, scales + tile * tile_scales, x, first,
                                  std::min(kRowBlock, rows - first), target);
         }
     });
@@ -302,5 +313,6 @@ torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor codes, torch::Tens
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-    module.def("quantized_linear", &quantized_linear, "x W^T for grouped 4- or 8-bit codes with float16 scales");
+    module.def("quantized_linear", &quantized_linear, "x W^T for grouped 4- or 8-bit codes with float16 scales",
+               pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -79,7 +79,7 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] -> float32 logits [N, vocab_size], through the tied embedding if there is no head."""
-        if self.quantized_head is not None:  # int8 for a few rows, the float head itself for many
+        if self.quantized_head is not None:
             return self.quantized_head(hidden).float()
         return F.linear(hidden, self.head_weight).float()
 
@@ -88,6 +88,6 @@ class LlamaModel(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def quantize_head(self) -> None:
-        """Read the head as int8 (per-row scales) for a few rows at a time: a weight-only quantized model's decode
-        step otherwise spends a third of its time reading the head in float (49152 x 576 for SmolLM2)."""
+        """Read the head as int8 (a scale per 32 inputs): a weight-only quantized model's decode step otherwise
+        spends a third of its time reading the head in float (49152 x 576 for SmolLM2)."""
         self.quantized_head = QuantizedLinear.from_weight(self.head_weight.detach(), 8)

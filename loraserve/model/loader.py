@@ -34,7 +34,8 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype | None,
                quantization: str = "none") -> LoadedModel:
     """source: "embedded", a Hugging Face directory, or a .gguf file. quantization: "none" (every weight in
     `dtype`), "int4" or "int8" (the layers' projections weight-only quantized, on load if the file is float), or
-    "auto" (as the file stores them: a GGUF file's Q4_0/Q4_1 layers as int4, anything else in `dtype`). dtype None
+    "auto" (as the file stores them: a GGUF file's Q4_0/Q4_1 layers as int4 and Q8_0 ones as int8, anything else in
+    `dtype`). dtype None
     chooses (`choose_precision`)."""
     if source == "embedded":
         path, name = embedded_gguf_path(), EMBEDDED_NAME
@@ -43,7 +44,6 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype | None,
         name = path.name if path.is_dir() else path.stem
     checkpoint = read_checkpoint(path)
     dtype, bits = choose_precision(dtype, quantization, checkpoint.weight_bits, device)
-    keep_dense = quantization == "auto"  # as fast as float with many tokens, as the kernels with few
     if bits is not None and device.type != "cpu":
         raise ModelLoadError(f"weight-only quantization runs on the CPU only for now; on {device.type} serve with "
                              "--quantization none")
@@ -52,7 +52,7 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype | None,
     load_weights(model, checkpoint.tensors, checkpoint.num_tensors)
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            module.pack(dtype if keep_dense else None)
+            module.pack()
     if bits is not None:
         model.quantize_head()
     return LoadedModel(model.eval(), checkpoint.config, checkpoint.tokenizer, name)
@@ -60,7 +60,7 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype | None,
 
 def choose_precision(dtype: torch.dtype | None, quantization: str, stored_bits: int | None,
                      device: torch.device) -> tuple[torch.dtype, int | None]:
-    """The activation dtype and weight bits to serve with. "auto" quantization keeps a file's four-bit layers
+    """The activation dtype and weight bits to serve with. "auto" quantization keeps a file's quantized layers
     as they are on the CPU unless float32 is asked for (the exact reference path); an unset dtype is bfloat16 on
     CUDA and float32 on the CPU (the quantized kernels take bfloat16 inputs whatever the model's dtype)."""
     if quantization == "auto":

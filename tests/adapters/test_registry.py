@@ -51,7 +51,7 @@ def peft_q_a(directory: Path) -> torch.Tensor:
 
 def test_add_resolve_and_record(make_registry: MakeRegistry,
                                 make_adapter: MakeAdapter) -> None:
-    (registry, pool), source = make_registry(), make_adapter(rank=4, alpha=8)
+    (registry, _), source = make_registry(), make_adapter(rank=4, alpha=8)
     record = registry.add("tuned", source)
     assert not (source / WEIGHTS).exists()  # add takes the files
     assert (record.name, record.version, record.rank, record.alpha) == ("tuned", 1, 4, 8.0)
@@ -177,7 +177,8 @@ def test_a_slot_nobody_waits_for_is_reused_before_a_less_recent_one_that_queued_
     for seed, name in enumerate("abc"):
         registry.add(name, make_adapter(seed=seed))
         refs[name] = registry.resolve(name)
-    slot_a, slot_b = acquire(registry, refs["a"]), acquire(registry, refs["b"])
+    acquire(registry, refs["a"])
+    slot_b = acquire(registry, refs["b"])
     registry.release(refs["a"])  # a's request is preempted: still queued, still pinned
     registry.release(refs["b"])
     registry.unpin(refs["b"])  # b's request is over; b is the more recently used
@@ -245,7 +246,7 @@ def test_acquire_reads_disk_when_the_cpu_copy_was_evicted(make_registry: MakeReg
 @pytest.mark.parametrize("break_it", ["corrupt", "pickled", "name"])
 def test_failed_add_leaves_nothing_behind(make_registry: MakeRegistry,
                                           make_adapter: MakeAdapter, tmp_path: Path, break_it: str) -> None:
-    (registry, pool), source = make_registry(), make_adapter()
+    (registry, _), source = make_registry(), make_adapter()
     registry.add("kept", make_adapter(seed=1))
     before = sorted(path.relative_to(tmp_path) for path in (tmp_path / "adapters").rglob("*"))
     name = "../escape" if break_it == "name" else "kept"

@@ -1,7 +1,6 @@
 """A request the model fails on, among fifteen others: it alone ends with an error, the others answer as they
 would have, and nothing stays held. A fault that hits every request stops the process for its supervisor."""
 import json
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from loraserve.cli import EXIT_ENGINE_DEAD
 from loraserve.engine.engine import MAX_CONSECUTIVE_CULPRITS
 from tests.api.conftest import Server, start_server
-from tests.api.lora_helpers import ADMIN, ADMIN_KEY, save_random_adapter, upload
+from tests.api.lora_helpers import ADMIN_KEY, save_random_adapter, upload
 
 FAULT_POSITION = 150  # the faulty model raises when a step computes this position or a later one
 FLAGS = ("--max-model-len", "256", "--num-kv-blocks", "160", "--max-loras", "2", "--max-lora-rank", "8",

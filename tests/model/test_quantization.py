@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from loraserve.model.layers.quantized_linear import INT_KERNEL_MAX_TOKENS, QuantizedLinear
+from loraserve.model.layers.quantized_linear import QuantizedLinear
 from loraserve.model.gguf_loader import stored_weight_bits
 from loraserve.model.loader import load_model
 from loraserve.kernels import cpu_quantized
@@ -17,8 +17,9 @@ from loraserve.model.quantization import GROUP_SIZE, QuantizedTensor, decode_ggu
 from tests.model.helpers import paged_greedy, paged_prefill, save_tiny_llama
 from tests.model.test_gguf import needs_embedded
 
-# The kernels multiply bfloat16 activations (8 bits of mantissa) whatever the model's dtype: outputs agree with
-# the float64 product of the same weights to about 1% of their scale.
+# Our kernel quantizes activations to int16 per group (about 3e-5 of an output's scale), PyTorch's int4 kernel,
+# the fallback until ours is built, takes bfloat16 ones (8 bits of mantissa): both within 1% of the float64
+# product of the same weights, and bfloat16 outputs round to about that too.
 TOLERANCE = 2e-2
 
 
@@ -74,12 +75,12 @@ def test_row_selection_keeps_codes_and_scales_together():
     assert torch.equal(quantized[order].dequantize(), quantized.dequantize()[order])
 
 
-def quantized_layer(quantized: QuantizedTensor, dense_dtype: torch.dtype | None = None) -> QuantizedLinear:
+def quantized_layer(quantized: QuantizedTensor) -> QuantizedLinear:
     rows, columns = quantized.shape
     layer = QuantizedLinear(columns, rows, quantized.bits)
     for name, value in quantized.parts().items():
         getattr(layer, name).copy_(value)
-    layer.pack(dense_dtype)
+    layer.pack()
     return layer
 
 
@@ -111,17 +112,6 @@ def test_before_the_kernel_is_built_a_layer_falls_back_to_pytorch(monkeypatch: p
     assert (fallback.double() - expected).abs().max() < TOLERANCE * expected.abs().max()
 
 
-def test_a_layer_that_kept_its_dense_weight_uses_it_for_many_tokens():
-    """Many tokens go through the float product of the very weight the codes stand for: exact in float32; few
-    tokens through the kernel."""
-    quantized = quantize(random_weight(96, 128), 4)
-    layer = quantized_layer(quantized, torch.float32)
-    many = torch.randn(INT_KERNEL_MAX_TOKENS + 1, 128)
-    assert torch.equal(layer(many), many @ quantized.dequantize().T)
-    few = many[:INT_KERNEL_MAX_TOKENS]
-    assert torch.equal(layer(few), quantized_layer(quantized)(few))
-
-
 @pytest.mark.parametrize("quantization", ["int4", "int8"])
 def test_quantized_model_matches_its_dequantized_float_model(tmp_path, quantization):
     """A safetensors model quantized on load against the same model in float32 with its weights replaced by what
@@ -143,17 +133,14 @@ def test_quantized_model_matches_its_dequantized_float_model(tmp_path, quantizat
     assert ours.argmax() == expected.argmax()
 
 
-def test_a_quantized_model_reads_its_head_as_int8_for_a_few_rows(tmp_path):
-    """Decodes' logits through the head's int8 codes (a scale per 32 inputs), many rows (prompt scoring) through
-    the float head itself."""
+def test_a_quantized_model_reads_its_head_as_int8(tmp_path):
+    """Logits through the head's int8 codes (a scale per 32 inputs), for a decode's few rows and a prompt's many."""
     model = load_model(str(save_tiny_llama(tmp_path / "model")), torch.device("cpu"), torch.float32, "int4").model
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(INT_KERNEL_MAX_TOKENS + 1, model.config.hidden_size, generator=generator)
+    hidden = torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     expected = hidden.double() @ quantize(model.head_weight.detach(), 8).dequantize().double().T
-    few = model.compute_logits(hidden[:INT_KERNEL_MAX_TOKENS])
-    assert ((few.double() - expected[:INT_KERNEL_MAX_TOKENS]).norm() / expected.norm()) < 1e-2
-    with torch.no_grad():
-        assert torch.equal(model.compute_logits(hidden), hidden @ model.head_weight.T)
+    for rows in (1, 40):
+        logits = model.compute_logits(hidden[:rows])
+        assert ((logits.double() - expected[:rows]).norm() / expected[:rows].norm()) < 1e-4
 
 
 def test_quantization_is_refused_off_the_cpu(tmp_path):

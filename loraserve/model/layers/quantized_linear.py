@@ -1,13 +1,13 @@
 """A linear layer whose weight is held quantized and multiplied by weight-only kernels.
 
 Both widths run on our C++ kernel (`kernels/cpu_quantized.cpp`: int16 activations, integer dot products per group
-of 32, output rows in the vector lanes) once it is built. Until then (or without a compiler) four-bit layers run on
-PyTorch's `_weight_int4pack_mm_for_cpu`, which takes the same group-wise scales and minimums with no
-requantization, so a four-bit layer keeps both layouts; eight-bit ones (whose group scales PyTorch's int8 kernel
-cannot take), and four-bit ones of a shape PyTorch's layout refuses, multiply by their dequantized weight. The kernels win where a step is bound by reading weights (a few
-tokens: decodes at small batch); with many tokens a float matrix product is faster, so a layer may also keep the
-dequantized weight and choose per call (`INT_KERNEL_MAX_TOKENS`, measured on a 2-core AMD EPYC: see
-benchmarks/RESULTS.md).
+of 32, output rows in the vector lanes) once it is built: on a 2-core AMD EPYC it beats a float32 matrix product
+of the weight the codes stand for at every step size up to the 512-token budget (3.0 against 44.7 ms for a decode
+step's projections at one token, 63 against 152 at 64, 390 against 693 at 512), so no float copy is kept. Until it
+is built (or without a compiler) four-bit layers run on PyTorch's `_weight_int4pack_mm_for_cpu`, which takes the
+same group-wise scales and minimums with no requantization, so a four-bit layer keeps both layouts; eight-bit ones
+(whose group scales PyTorch's int8 kernel cannot take), and four-bit ones of a shape PyTorch's layout refuses,
+multiply by their dequantized weight.
 """
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,6 @@ INT4_CODE_OFFSET = 8  # the int4 kernel computes (code - 8) * scale + zero
 # PyTorch's int4 kernel vectorizes bfloat16 activations only (float32 ones run scalar code, ten times slower, even
 # on CPUs without native bfloat16), so its input and output are converted.
 KERNEL_DTYPE = torch.bfloat16
-INT_KERNEL_MAX_TOKENS = 16  # above this many tokens a layer that kept its dense weight uses it
 
 
 class QuantizedLinear(nn.Module):
@@ -42,25 +41,23 @@ class QuantizedLinear(nn.Module):
         self.kernel_scales: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None  # PyTorch's four-bit layout, until the C++ kernel is built
         self.scale_and_zero: torch.Tensor | None = None
-        self.dense: torch.Tensor | None = None
+        self.float_weight: torch.Tensor | None = None  # a float weight at hand for free (a tied head's), used
+        # only until the kernel is built
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bits: int) -> "QuantizedLinear":
-        """A packed layer holding `weight` quantized now, and `weight` itself (shared, not copied) as the dense
-        weight for calls with many tokens."""
+        """A packed layer holding `weight` quantized now; `weight` itself (shared, not copied) stands in for the
+        codes until the kernel is built."""
         layer = cls(weight.shape[1], weight.shape[0], bits)
         for name, part in quantize(weight, bits).parts().items():
             getattr(layer, name).copy_(part)
         layer.pack()
-        layer.dense = weight
+        layer.float_weight = weight
         return layer
 
-    def pack(self, dense_dtype: torch.dtype | None = None) -> None:
-        """Convert the loaded codes into the kernels' layouts and let the loading buffers go; with `dense_dtype`,
-        also keep the weight the codes stand for, in that dtype, for calls with many tokens."""
+    def pack(self) -> None:
+        """Convert the loaded codes into the kernels' layouts and let the loading buffers go."""
         minimums = getattr(self, "minimums", None)
-        if dense_dtype is not None:
-            self.dense = QuantizedTensor(self.codes, self.scales, minimums, self.bits).dequantize().to(dense_dtype)
         self.kernel_codes, self.kernel_scales = cpu_quantized.pack(self.codes, self.scales, minimums, self.bits)
         if self.bits == 4 and self.out_features % 16 == 0:  # what PyTorch's int4 layout takes
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes.int(), 1)
@@ -72,8 +69,6 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.dense is not None and flat.shape[0] > INT_KERNEL_MAX_TOKENS:
-            return F.linear(x, self.dense)
         kernel = cpu_quantized.KERNEL.get()
         if kernel is not None:
             output = kernel.quantized_linear(flat.contiguous(), self.kernel_codes, self.kernel_scales,
@@ -82,7 +77,8 @@ class QuantizedLinear(nn.Module):
             output = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(KERNEL_DTYPE), self.packed, GROUP_SIZE,
                                                                 self.scale_and_zero).to(x.dtype)
         else:
-            output = F.linear(flat, self.dense if self.dense is not None else self.dequantized().to(x.dtype))
+            weight = self.float_weight if self.float_weight is not None else self.dequantized()
+            output = F.linear(flat, weight.to(x.dtype))
         return output.reshape(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
