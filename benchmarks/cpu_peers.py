@@ -1,8 +1,9 @@
 """loraserve in each weight format against llama.cpp's server and transformers, on the embedded model, on the CPU.
 
 Every server gets the same prompts from the same streaming client: output tokens/s with one request at a time and
-with --concurrency at once, and the median time to first token. Each loraserve format's perplexity against
-float32 is computed in process (decoding in chunks of 8 tokens, so the quantized kernels run) over README.md.
+with --concurrency at once, and the median time to first token. Each loraserve format's perplexity, and how often
+its top token equals float32's, are computed in process (decoding in chunks of 8 tokens, as the server's decodes
+and drafts run) over up to 2,048 tokens of README.md.
 
 llama-server is not installed by pip. Build it from the llama.cpp vendored in llama-cpp-python's source package:
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
@@ -35,8 +36,12 @@ import torch
 from benchmarks.serve_throughput import free_port, make_prompts, run_transformers
 from loraserve.model.embedded import embedded_gguf_path
 
-LORASERVE_FORMATS = {"int4 (default)": [], "int8": ["--quantization", "int8"], "float32": ["--dtype", "float32"]}
-PERPLEXITY_TOKENS = 1024
+LORASERVE_FORMATS = {"int4 (default)": [], "int8": ["--quantization", "int8"],
+                     "bfloat16": ["--dtype", "bfloat16", "--quantization", "none"], "float32": ["--dtype", "float32"]}
+# In process: (dtype, quantization) of each format, the float32 reference first.
+PERPLEXITY_SETTINGS = {"float32": (torch.float32, "none"), "int4 (default)": (None, "auto"), "int8": (None, "int8"),
+                       "bfloat16": (torch.bfloat16, "none")}
+PERPLEXITY_TOKENS = 2048
 
 
 def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
@@ -114,21 +119,23 @@ def llama_model_file(llama_server: Path, kind: str, out: Path) -> Path | None:
     return target
 
 
-def perplexities() -> dict[str, float]:
-    """Each loraserve format's perplexity over README.md, in process."""
+def perplexities() -> dict[str, tuple[float, float]]:
+    """Each loraserve format's perplexity over README.md, and how often its top token agrees with float32's, in
+    process."""
     from loraserve.model.loader import load_model
     from tests.model.helpers import PagedCache, spare_blocks
 
-    settings = {"int4 (default)": (None, "auto"), "int8": (None, "int8"), "float32": (torch.float32, "none")}
-    results = {}
-    for name, (dtype, quantization) in settings.items():
+    results, reference = {}, None
+    for name, (dtype, quantization) in PERPLEXITY_SETTINGS.items():
         loaded = load_model("embedded", torch.device("cpu"), dtype, quantization)
         tokens = loaded.tokenizer.encode(Path("README.md").read_text())[:PERPLEXITY_TOKENS]
         cache = PagedCache(loaded.model, num_blocks=spare_blocks(len(tokens), 16), block_size=16)
         sequence = cache.add_sequence(len(tokens))
         logits = torch.cat([cache.step([(sequence, tokens[i:i + 8])])[0] for i in range(0, len(tokens), 8)])
-        loss = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(tokens[1:]))
-        results[name] = math.exp(loss.item())
+        loss = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(tokens[1:]))
+        top = logits.argmax(-1)
+        reference = top if reference is None else reference
+        results[name] = (math.exp(loss.item()), (top == reference).float().mean().item())
     return results
 
 
@@ -162,11 +169,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     systems = {}
     for step, (name, flags) in enumerate(LORASERVE_FORMATS.items(), 1):
-        print(f"[{step}/5] loraserve {name}...", file=sys.stderr)
+        print(f"[{step}/{len(LORASERVE_FORMATS) + 2}] loraserve {name}...", file=sys.stderr)
         port = free_port()
         command = [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(port), "--model", "embedded", *flags]
         systems[f"loraserve {name}"] = measure_server(command, port, args.out / "loraserve.log", args)
-    print("[4/5] llama-server...", file=sys.stderr)
+    print(f"[{len(LORASERVE_FORMATS) + 1}/{len(LORASERVE_FORMATS) + 2}] llama-server...", file=sys.stderr)
     llama_server = shutil.which(str(args.llama_server))
     if llama_server is not None:
         for kind in args.llama_formats.split(","):
@@ -180,20 +187,23 @@ def main() -> None:
             systems[f"llama-server {kind}"] = measure_server(command, port, args.out / "llama-server.log", args)
     else:
         print(f"  skipped: no llama-server at {args.llama_server} (see this module's docstring)", file=sys.stderr)
-    print("[5/5] transformers generate and perplexities...", file=sys.stderr)
+    print(f"[{len(LORASERVE_FORMATS) + 2}/{len(LORASERVE_FORMATS) + 2}] transformers generate and perplexities...",
+          file=sys.stderr)
     tokens, seconds = run_transformers(make_prompts(args.requests), args.max_tokens)
     systems["transformers generate (batched)"] = {str(args.concurrency): {"tokens_per_second": tokens / seconds,
                                                                           "ttft_median_s": math.nan},
                                                   "1": {"tokens_per_second": math.nan, "ttft_median_s": math.nan}}
-    for name, value in perplexities().items():
-        systems[f"loraserve {name}"]["perplexity"] = value
+    for name, (perplexity, agreement) in perplexities().items():
+        systems[f"loraserve {name}"].update(perplexity=perplexity, top1_agreement=agreement)
     results = {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                "cpu_count": os.cpu_count(), "systems": systems}
     key = str(args.concurrency)
-    print(f"\n{'system':<34}{'1 at a time':>12}{key + ' at once':>12}{'TTFT (1)':>10}{'perplexity':>12}")
+    print(f"\n{'system':<34}{'1 at a time':>12}{key + ' at once':>12}{'TTFT (1)':>10}{'perplexity':>12}"
+          f"{'top-1 = fp32':>14}")
     for name, entry in systems.items():
         print(f"{name:<34}{entry['1']['tokens_per_second']:>12.1f}{entry[key]['tokens_per_second']:>12.1f}"
-              f"{entry['1']['ttft_median_s']:>10.3f}{entry.get('perplexity', math.nan):>12.3f}")
+              f"{entry['1']['ttft_median_s']:>10.3f}{entry.get('perplexity', math.nan):>12.3f}"
+              f"{entry.get('top1_agreement', math.nan):>14.4f}")
     print("machine limit at one request (weight reads at ~33 GB/s): ~63 tok/s float32, ~400 int4")
     (args.out / "cpu_peers.json").write_text(json.dumps(results, indent=2))
     plot(results, args.concurrency, args.out / "cpu_peers.png")

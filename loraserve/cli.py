@@ -26,9 +26,9 @@ HELP = {
     "device": "where the model runs; auto picks cuda when available",
     "dtype": "activation, float weight and KV-cache precision; auto is bfloat16 on CUDA, and on a CPU with native "
              "bfloat16 when weights are quantized, else float32 (--dtype float32 is the exact reference path)",
-    "quantization": "weight-only quantization of the layers' projections (CPU): auto serves a GGUF file's Q4_0/Q4_1 "
-                    "layers as int4 and Q8_0 ones as int8, as they are (unless --dtype float32); int4 or int8 "
-                    "quantize on load; none dequantizes",
+    "quantization": "weight-only quantization of the layers' projections: auto serves a GGUF file's Q4_0/Q4_1 "
+                    "layers as int4 and Q8_0 ones as int8, as they are, on a CPU (unless --dtype float32); int4 or "
+                    "int8 quantize on load (CPU or CUDA); none dequantizes",
     "block_size": "tokens per KV-cache block",
     "num_kv_blocks": "KV-cache blocks to allocate; overrides --kv-cache-memory",
     "kv_cache_memory": "memory for the KV cache: bytes, or a size such as 512MiB or 2GiB",

@@ -44,9 +44,9 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype | None,
         name = path.name if path.is_dir() else path.stem
     checkpoint = read_checkpoint(path)
     dtype, bits = choose_precision(dtype, quantization, checkpoint.weight_bits, device)
-    if bits is not None and device.type != "cpu":
-        raise ModelLoadError(f"weight-only quantization runs on the CPU only for now; on {device.type} serve with "
-                             "--quantization none")
+    if bits is not None and device.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"weight-only quantization runs on a CPU or CUDA device, not {device.type}; serve "
+                             "with --quantization none")
     with default_device_and_dtype(device, dtype):
         model = LlamaModel(checkpoint.config, bits)
     load_weights(model, checkpoint.tensors, checkpoint.num_tensors)

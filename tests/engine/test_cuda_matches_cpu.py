@@ -31,3 +31,18 @@ def greedy_answers(device: str) -> list[list[int]]:
 
 def test_float32_greedy_tokens_match_the_cpu_path() -> None:
     assert greedy_answers("cuda") == greedy_answers("cpu")
+
+
+def test_a_quantized_base_on_cuda_answers_as_the_cpu_kernel_does() -> None:
+    """int4 on the GPU (Triton, float activations) and on the CPU (int16 activations): the same codes, so the same
+    first tokens, and Paris."""
+    answers = {}
+    for device in ("cuda", "cpu"):
+        loaded = load_model("embedded", torch.device(device), torch.float32, "int4")
+        tokenizer = loaded.tokenizer
+        prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}]),
+                                  add_special_tokens=False)
+        engine = LLMEngine(loaded, ServerConfig(num_kv_blocks=64))
+        [answers[device]] = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12))
+    assert answers["cuda"][:8] == answers["cpu"][:8]
+    assert "Paris" in tokenizer.decode(answers["cuda"])

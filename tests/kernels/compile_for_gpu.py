@@ -10,6 +10,7 @@ from loraserve.kernels.triton_decode_attention import _merge_kernel, _partition_
 from loraserve.kernels.triton_kv_write import _write_kv_kernel
 from loraserve.kernels.triton_lora import _expand_kernel, _shrink_kernel
 from loraserve.kernels.triton_paged_attention import _paged_attention_kernel
+from loraserve.kernels.triton_quantized import _quantized_matmul_kernel
 
 
 def compile_kernel(kernel: triton.JITFunction, pointers: dict[str, str], constants: dict[str, int]) -> None:
@@ -49,6 +50,10 @@ def main() -> None:
                    dict(BLOCK_ROWS=64, RANK_PADDED=64, BLOCK_IN=64))
     compile_kernel(_expand_kernel, groups | {"output": data, "lora_b": data, "slice_ends": "*i32"},
                    dict(NUM_SLICES=3, BLOCK_ROWS=16, BLOCK_OUT=64, RANK_PADDED=16))
+    for bits, code_type in ((4, "*u8"), (8, "*i8")):
+        compile_kernel(_quantized_matmul_kernel, {"x": data, "output": data, "codes": code_type, "scales": "*fp16",
+                                                  "minimums": "*fp16"},
+                       dict(BITS=bits, BLOCK_ROWS=16, BLOCK_OUT=64))
     print("compiled")
 
 

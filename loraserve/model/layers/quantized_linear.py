@@ -7,7 +7,8 @@ step's projections at one token, 63 against 152 at 64, 390 against 693 at 512), 
 is built (or without a compiler) four-bit layers run on PyTorch's `_weight_int4pack_mm_for_cpu`, which takes the
 same group-wise scales and minimums with no requantization, so a four-bit layer keeps both layouts; eight-bit ones
 (whose group scales PyTorch's int8 kernel cannot take), and four-bit ones of a shape PyTorch's layout refuses,
-multiply by their dequantized weight.
+multiply by their dequantized weight. On CUDA the codes run on a Triton kernel (`kernels/triton_quantized.py`), so
+a GPU serves a quantized base, with LoRA adapters on top, in a quarter or half of the weight memory.
 """
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ class QuantizedLinear(nn.Module):
         self.kernel_scales: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None  # PyTorch's four-bit layout, until the C++ kernel is built
         self.scale_and_zero: torch.Tensor | None = None
+        self.gpu_parts: tuple[torch.Tensor, ...] = ()  # the GPU kernel's layout (`triton_quantized.pack`)
         self.float_weight: torch.Tensor | None = None  # a float weight at hand for free (a tied head's), used
         # only until the kernel is built
 
@@ -58,19 +60,29 @@ class QuantizedLinear(nn.Module):
     def pack(self) -> None:
         """Convert the loaded codes into the kernels' layouts and let the loading buffers go."""
         minimums = getattr(self, "minimums", None)
+        if self.codes.is_cuda:
+            from loraserve.kernels import triton_quantized  # imported here: a CPU server never needs Triton
+            self.gpu_parts = triton_quantized.pack(self.codes, self.scales, minimums, self.bits)
+        else:
+            self._pack_for_cpu(minimums)
+        del self.codes, self.scales
+        if minimums is not None:
+            del self.minimums
+
+    def _pack_for_cpu(self, minimums: torch.Tensor | None) -> None:
         self.kernel_codes, self.kernel_scales = cpu_quantized.pack(self.codes, self.scales, minimums, self.bits)
         if self.bits == 4 and self.out_features % 16 == 0:  # what PyTorch's int4 layout takes
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes.int(), 1)
             zeros = minimums + INT4_CODE_OFFSET * self.scales
             self.scale_and_zero = torch.stack([self.scales, zeros], -1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
-        del self.codes, self.scales
-        if minimums is not None:
-            del self.minimums
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        kernel = cpu_quantized.KERNEL.get()
-        if kernel is not None:
+        kernel = None if flat.is_cuda else cpu_quantized.KERNEL.get()
+        if flat.is_cuda:
+            from loraserve.kernels import triton_quantized
+            output = triton_quantized.quantized_linear(flat.contiguous(), self.gpu_parts, self.out_features, self.bits)
+        elif kernel is not None:
             output = kernel.quantized_linear(flat.contiguous(), self.kernel_codes, self.kernel_scales,
                                              self.out_features, self.bits)
         elif self.packed is not None:
