@@ -114,7 +114,8 @@ void score_keys(const float* queries, const float* keys, int64_t stride, int64_t
         for (int64_t part = 0; part < kDim / 16; ++part) key[part] = load(keys + slot * stride + part * 16);
         for (int64_t head = 0; head < group; ++head) {
             Floats total = key[0] * load(queries + head * kDim);
-            for (int64_t part = 1; part < kDim / 16; ++part) total += key[part] * load(queries + head * kDim + part * 16);
+            for (int64_t part = 1; part < kDim / 16; ++part)
+                total += key[part] * load(queries + head * kDim + part * 16);
             scores[head * visible + slot] = sum_lanes(total);
         }
     }
@@ -129,7 +130,8 @@ void add_values(const float* weights, const float* values, int64_t stride, int64
         for (int64_t part = 0; part < kDim / 16; ++part) total[part] = load(sums + head * kDim + part * 16);
         for (int64_t slot = 0; slot < count; ++slot) {
             const float weight = weights[head * visible + slot];
-            for (int64_t part = 0; part < kDim / 16; ++part) total[part] += weight * load(values + slot * stride + part * 16);
+            for (int64_t part = 0; part < kDim / 16; ++part)
+                total[part] += weight * load(values + slot * stride + part * 16);
         }
         std::memcpy(sums + head * kDim, total, sizeof(total));
     }
@@ -153,28 +155,20 @@ void add_values_any(const float* weights, const scalar_t* values, int64_t stride
             float* target = sums + head * head_dim;
             const scalar_t* value = values + slot * stride;
 #pragma omp simd
-            for (int64_t index = 0; index < head_dim; ++index) target[index] += weight * static_cast<float>(value[index]);
+            for (int64_t index = 0; index < head_dim; ++index)
+                target[index] += weight * static_cast<float>(value[index]);
         }
 }
 
-template <typename scalar_t>
-void score_block(const float* queries, const scalar_t* keys, int64_t stride, int64_t count, int64_t group,
-                 float* scores, int64_t visible, int64_t head_dim) {
+// Calls `fixed` with the head_dim as a compile-time constant where a kernel above has that size for this element
+// type (float32 caches, head_dim 64 or 128), else `any`.
+template <typename scalar_t, typename Fixed, typename Any>
+void by_head_dim(int64_t head_dim, Fixed fixed, Any any) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-        if (head_dim == 64) return score_keys<64>(queries, keys, stride, count, group, scores, visible);
-        if (head_dim == 128) return score_keys<128>(queries, keys, stride, count, group, scores, visible);
+        if (head_dim == 64) return fixed(std::integral_constant<int, 64>());
+        if (head_dim == 128) return fixed(std::integral_constant<int, 128>());
     }
-    score_keys_any(queries, keys, stride, count, group, scores, visible, head_dim);
-}
-
-template <typename scalar_t>
-void value_block(const float* weights, const scalar_t* values, int64_t stride, int64_t count, int64_t group,
-                 float* sums, int64_t visible, int64_t head_dim) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-        if (head_dim == 64) return add_values<64>(weights, values, stride, count, group, sums, visible);
-        if (head_dim == 128) return add_values<128>(weights, values, stride, count, group, sums, visible);
-    }
-    add_values_any(weights, values, stride, count, group, sums, visible, head_dim);
+    any();
 }
 
 // Every query row of one sequence, for the query heads of one key/value head.
@@ -201,14 +195,24 @@ void attend(const Layout& layout, const scalar_t* query, const scalar_t* key_cac
             const int64_t block = table[start / layout.block_size];
             const int64_t count = std::min(layout.block_size, visible - start);
             const scalar_t* keys = key_cache + (block * layout.block_size * layout.num_kv_heads + kv_head) * head_dim;
-            score_block(queries.data(), keys, row_stride, count, group, scores.data() + start, visible, head_dim);
+            const float* query_rows = queries.data();
+            float* block_scores = scores.data() + start;
+            by_head_dim<scalar_t>(
+                head_dim,
+                [&](auto dim) { score_keys<dim>(query_rows, keys, row_stride, count, group, block_scores, visible); },
+                [&] { score_keys_any(query_rows, keys, row_stride, count, group, block_scores, visible, head_dim); });
         }
         softmax_rows(scores.data(), group, visible);
         for (int64_t start = 0; start < visible; start += layout.block_size) {
             const int64_t block = table[start / layout.block_size];
             const int64_t count = std::min(layout.block_size, visible - start);
-            const scalar_t* values = value_cache + (block * layout.block_size * layout.num_kv_heads + kv_head) * head_dim;
-            value_block(scores.data() + start, values, row_stride, count, group, sums.data(), visible, head_dim);
+            const scalar_t* values =
+                value_cache + (block * layout.block_size * layout.num_kv_heads + kv_head) * head_dim;
+            const float* weights = scores.data() + start;
+            by_head_dim<scalar_t>(
+                head_dim,
+                [&](auto dim) { add_values<dim>(weights, values, row_stride, count, group, sums.data(), visible); },
+                [&] { add_values_any(weights, values, row_stride, count, group, sums.data(), visible, head_dim); });
         }
         for (int64_t head = 0; head < group; ++head) {
             scalar_t* target = output + (row * layout.num_heads + kv_head * group + head) * head_dim;

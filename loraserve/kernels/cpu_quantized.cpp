@@ -140,7 +140,8 @@ void tile_rows(const uint8_t* codes, const at::Half* scales, const Activations& 
                                           _mm512_mul_ps(scale, _mm512_set1_ps(x.scales[index])), totals[row]);
         }
         if constexpr (kBits == 4) {
-            const __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + kTile)));
+            const __m512 minimum =
+                _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + kTile)));
             for (int64_t row = 0; row < kCount; ++row)
                 totals[row] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(x.sums[(first + row) * x.groups + group]),
                                               totals[row]);
