@@ -74,6 +74,16 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
+    @model_validator(mode="after")
+    def echo_with_logprobs_is_refused(self) -> "CompletionRequest":
+        """OpenAI's echo with logprobs scores the prompt's tokens too (how evaluation tools compute
+        loglikelihoods); the engine does not compute prompt logprobs yet, and an answer with only the generated
+        tokens' would be read as wrong scores."""
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (the prompt tokens' logprobs) is not supported by this server yet; "
+                             "send echo or logprobs, not both")
+        return self
+
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts, each as text or token ids."""
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):

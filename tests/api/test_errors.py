@@ -22,6 +22,8 @@ OPENAI_CASES = [
     ("/v1/completions", {"prompt": "Hi", "logprobs": 99}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "Hi", "stop": ["x"] * 40}, 400, "stop"),
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1}, 400, None),
+    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     ("/v1/completions", {"prompt": ""}, 400, None),
     ("/v1/completions", {"prompt": [99999999]}, 400, None),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
