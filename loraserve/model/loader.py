@@ -35,8 +35,7 @@ def load_model(source: str, device: torch.device, dtype: torch.dtype | None,
     """source: "embedded", a Hugging Face directory, or a .gguf file. quantization: "none" (every weight in
     `dtype`), "int4" or "int8" (the layers' projections weight-only quantized, on load if the file is float), or
     "auto" (as the file stores them: a GGUF file's Q4_0/Q4_1 layers as int4 and Q8_0 ones as int8, anything else in
-    `dtype`). dtype None
-    chooses (`choose_precision`)."""
+    `dtype`). dtype None chooses (`choose_precision`)."""
     if source == "embedded":
         path, name = embedded_gguf_path(), EMBEDDED_NAME
     else:

@@ -97,7 +97,6 @@ def decode_gguf_q4(blocks: np.ndarray, rows: int, with_minimum: bool) -> Quantiz
     return QuantizedTensor(codes, scales, minimums, 4)
 
 
-
 def decode_gguf_q8(blocks: np.ndarray, rows: int) -> QuantizedTensor:
     """Q8_0 (a float16 scale, then 32 signed bytes per block): codes and scales kept exactly as stored."""
     blocks = blocks.reshape(-1, 2 + GROUP_SIZE)

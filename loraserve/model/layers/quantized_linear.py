@@ -78,11 +78,10 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        kernel = None if flat.is_cuda else cpu_quantized.KERNEL.get()
         if flat.is_cuda:
             from loraserve.kernels import triton_quantized
             output = triton_quantized.quantized_linear(flat.contiguous(), self.gpu_parts, self.out_features, self.bits)
-        elif kernel is not None:
+        elif (kernel := cpu_quantized.KERNEL.get()) is not None:
             output = kernel.quantized_linear(flat.contiguous(), self.kernel_codes, self.kernel_scales,
                                              self.out_features, self.bits)
         elif self.packed is not None:
