@@ -70,18 +70,25 @@ install_wheels() {
     fi
 }
 
+# QUICK=1 sizes the benchmarks to fit a short lease (15 device minutes for everything, starts included).
+QUICK=${QUICK:-0}
+quick() { [[ $QUICK == 1 ]] && echo "$@" || true; }
+
 stage_kernels() {
     step "kernel tests" "$PYTHON" -m pytest tests/kernels -q -m gpu
     step "other gpu-marked tests" pytest_selected tests -q -m gpu --ignore tests/kernels
-    step "benchmarks.kernels" "$PYTHON" -m benchmarks.kernels --out "$RESULTS"
+    step "benchmarks.kernels" "$PYTHON" -m benchmarks.kernels --out "$RESULTS" $(quick --quick)
 }
 
 stage_serve() {
     step "embedded model: CUDA against CPU" pytest_selected tests/engine/test_cuda_matches_cpu.py -q
     step "benchmarks.serve_throughput" "$PYTHON" -m benchmarks.serve_throughput --out "$RESULTS"
-    step "benchmarks.adapters" "$PYTHON" -m benchmarks.adapters --device cuda --out "$RESULTS"
-    step "benchmarks.prefix_cache" "$PYTHON" -m benchmarks.prefix_cache --device cuda --out "$RESULTS"
-    step "benchmarks.spec_decode" "$PYTHON" -m benchmarks.spec_decode --device cuda --out "$RESULTS"
+    step "benchmarks.adapters" "$PYTHON" -m benchmarks.adapters --device cuda --out "$RESULTS" \
+        $(quick --counts 8,32 --warm-up 32)
+    step "benchmarks.prefix_cache" "$PYTHON" -m benchmarks.prefix_cache --device cuda --out "$RESULTS" \
+        $(quick --requests 16)
+    step "benchmarks.spec_decode" "$PYTHON" -m benchmarks.spec_decode --device cuda --out "$RESULTS" \
+        $(quick --prompts 2 --max-tokens 64)
 }
 
 echo "=== gpu.sh $STAGE, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(git rev-parse --short HEAD 2>/dev/null || echo 'no git')"

@@ -69,14 +69,20 @@ def run_transformers(prompts: list[str], max_tokens: int) -> tuple[int, float]:
 
     path = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    if tokenizer.pad_token is None:  # some transformers versions read none from the GGUF file
+        tokenizer.pad_token = tokenizer.eos_token
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the server ran, at its default dtype
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).to(device).eval()
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     settings = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
                     pad_token_id=tokenizer.pad_token_id)
     with torch.inference_mode():
-        model.generate(**tokenizer(prompts[:1], return_tensors="pt"), max_new_tokens=4, do_sample=False)
+        model.generate(**tokenizer(prompts[:1], return_tensors="pt").to(device), max_new_tokens=4, do_sample=False)
         start = time.perf_counter()
         output = model.generate(**batch, **settings)
+        if device == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     return (output.shape[1] - batch["input_ids"].shape[1]) * len(prompts), seconds
 
@@ -91,7 +97,8 @@ def plot(results: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.bar(names, values, color=["#3b7dd8", "#999999"])
     axis.set_ylabel("output tokens/s")
-    axis.set_title(f"{results['requests']} requests x {results['max_tokens']} tokens, embedded model, CPU")
+    axis.set_title(f"{results['requests']} requests x {results['max_tokens']} tokens, embedded model, "
+                   f"{results['device']}")
     for index, value in enumerate(values):
         axis.text(index, value, f"{value:.1f}", ha="center", va="bottom")
     figure.tight_layout()
@@ -125,7 +132,9 @@ def main() -> None:
     for entry in systems.values():
         entry["tokens_per_second"] = entry["tokens"] / entry["seconds"]
     ratio = systems["loraserve (HTTP)"]["tokens_per_second"] / systems["transformers generate"]["tokens_per_second"]
-    results = {"requests": args.requests, "max_tokens": args.max_tokens, "threads": torch.get_num_threads(),
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    results = {"requests": args.requests, "max_tokens": args.max_tokens, "device": device,
+               "threads": torch.get_num_threads(),
                "cpu_count": os.cpu_count(), "systems": systems, "ratio": ratio}
     print(f"\n{'system':<24}{'tokens':>8}{'seconds':>10}{'tokens/s':>10}")
     for name, entry in systems.items():

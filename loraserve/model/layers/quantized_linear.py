@@ -50,7 +50,8 @@ class QuantizedLinear(nn.Module):
     def from_weight(cls, weight: torch.Tensor, bits: int) -> "QuantizedLinear":
         """A packed layer holding `weight` quantized now; `weight` itself (shared, not copied) stands in for the
         codes until the kernel is built."""
-        layer = cls(weight.shape[1], weight.shape[0], bits)
+        with torch.device(weight.device):  # packed for the kernel of the weight's device
+            layer = cls(weight.shape[1], weight.shape[0], bits)
         for name, part in quantize(weight, bits).parts().items():
             getattr(layer, name).copy_(part)
         layer.pack()
