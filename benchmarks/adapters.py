@@ -7,9 +7,10 @@ written into the server's adapter directory before it starts; names share a doze
 thousand adapters cost the disk little, while the server loads each as its own. A row sends --requests concurrent
 requests, request i using an adapter drawn uniformly, or by Zipf(1.0), from the N adapters (0: the base model),
 and reports output tokens/s, p50 and p99 latency, and the fraction of its bound min(base, base * B / (B + A)):
-B the base weights' bytes, A the bytes of the distinct adapters the row uses, each read every step. Then times a
-new adapter from the start of its upload to its first streamed token. Prints a table, writes adapters.json and
-adapters.png under --out.
+B the bytes of base weights a step reads as served (int4 codes and scales by default), A the bytes of the distinct
+adapters the row uses in the server's pool (bfloat16 under a quantized base on the CPU), each read every step.
+Then times a new adapter from the start of its upload to its first streamed token. Prints a table, writes
+adapters.json and adapters.png under --out.
 
 Before the rows, one unmeasured pass brings in --warm-up adapters (from the end of the list, so the rows still
 load theirs from disk) to fill the adapter pool's memory once: the pool is set aside untouched, and on a VM whose
@@ -32,17 +33,19 @@ import httpx
 import torch
 from safetensors.torch import save_file
 
-from loraserve.adapters.format import TARGETS, BaseModelShape
+from benchmarks.embedded import weight_bytes_per_step
 from benchmarks.serve_throughput import free_port, make_prompts, start_server
+from loraserve.adapters.format import TARGETS, BaseModelShape
 from loraserve.api.auth import admin_key_from_environment
+from loraserve.engine.async_engine import resolve_device
+from loraserve.engine.setup import adapter_dtype
+from loraserve.model.loader import load_model
 
 RANKS = (8, 16, 32, 64)
 TARGET_SETS = (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), tuple(TARGETS))
 # SmolLM2-135M, the embedded model: 30 layers, hidden 576, MLP 1536, 9 query heads and 3 KV heads of 64.
 EMBEDDED_SHAPE = BaseModelShape.for_llama(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9,
                                           num_kv_heads=3, head_dim=64)
-BASE_BYTES = 134_515_008 * 4  # the embedded model's parameters in float32, as the CPU server holds them
-SERVED_ELEMENT_BYTES = 4  # adapters sit in the pool in the model's dtype
 
 
 def kind(index: int) -> tuple[int, tuple[str, ...]]:
@@ -50,10 +53,17 @@ def kind(index: int) -> tuple[int, tuple[str, ...]]:
     return RANKS[index % len(RANKS)], TARGET_SETS[index // len(RANKS) % len(TARGET_SETS)]
 
 
-def adapter_bytes(rank: int, targets: tuple[str, ...]) -> int:
+def adapter_bytes(rank: int, targets: tuple[str, ...], element_bytes: int) -> int:
     """The weights the server reads for the adapter in every step that uses it."""
     per_layer = sum(sum(EMBEDDED_SHAPE.module_shapes[target]) for target in targets)
-    return rank * per_layer * EMBEDDED_SHAPE.num_layers * SERVED_ELEMENT_BYTES
+    return rank * per_layer * EMBEDDED_SHAPE.num_layers * element_bytes
+
+
+def served_bytes(device: str) -> tuple[int, int]:
+    """What the server reads per step, from the embedded model loaded as the server loads it: the base weights'
+    bytes, and the bytes of one adapter element in the server's pool."""
+    loaded = load_model("embedded", resolve_device(device), None, "auto")
+    return weight_bytes_per_step(loaded.model), adapter_dtype(loaded.model).itemsize
 
 
 def write_random_adapter(directory: Path, rank: int, seed: int, targets: tuple[str, ...] = tuple(TARGETS)) -> Path:
@@ -145,14 +155,15 @@ def measure(port: int, args: argparse.Namespace, names: list[str]) -> list[dict]
               f"{args.max_tokens} tokens...", file=sys.stderr)
         tokens, seconds, latencies = asyncio.run(run_load(port, prompts, args.max_tokens, models))
         distinct = sorted({name for name in models if name is not None})
-        read = sum(adapter_bytes(*kind(int(name.removeprefix("bench-")))) for name in distinct)
+        read = sum(adapter_bytes(*kind(int(name.removeprefix("bench-"))), args.adapter_element_bytes)
+                   for name in distinct)
         results.append({"adapters": count, "distribution": "zipf" if zipf else "uniform", "distinct": len(distinct),
                         "adapter_bytes": read, "tokens": tokens, "seconds": seconds,
                         "tokens_per_second": tokens / seconds, "p50_seconds": statistics.median(latencies),
                         "p99_seconds": percentile(latencies, 0.99)})
     base = results[0]
     for entry in results:
-        share = BASE_BYTES / (BASE_BYTES + entry["adapter_bytes"])
+        share = args.base_bytes / (args.base_bytes + entry["adapter_bytes"])
         entry["bound_tokens_per_second"] = base["tokens_per_second"] * share
         entry["fraction_of_bound"] = entry["tokens_per_second"] / entry["bound_tokens_per_second"]
         entry["p99_vs_base"] = entry["p99_seconds"] / base["p99_seconds"]
@@ -210,6 +221,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.base_bytes, args.adapter_element_bytes = served_bytes(args.device)
+    print(f"served: {args.base_bytes / 1e6:.1f} MB of base weights a step, adapters in "
+          f"{args.adapter_element_bytes}-byte elements", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="loraserve-bench-") as scratch:
         print(f"writing {max(args.counts)} adapters...", file=sys.stderr)
         names = place_adapters(Path(scratch) / "store", Path(scratch), max(args.counts))
@@ -227,6 +241,7 @@ def main() -> None:
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     summary = {"requests": args.requests, "max_tokens": args.max_tokens, "device": device,
                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "results": results,
+               "base_bytes": args.base_bytes, "adapter_element_bytes": args.adapter_element_bytes,
                "upload_to_first_token_seconds": first_token, "warm_up_adapters": min(args.warm_up, len(names)),
                "warm_up_seconds": warm_up_seconds}
     print(f"\n{'adapters':>8} {'spread':>8}{'distinct':>9}{'tokens/s':>10}{'bound':>8}{'of bound':>9}"

@@ -19,8 +19,8 @@ from loraserve.engine.sampler import Sampled, sample
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.scheduler import ScheduledBatch, Scheduler
 from loraserve.engine.sequence import Sequence, SequenceStatus
-from loraserve.engine.setup import (adapter_base_shape, adapter_directory, adapter_pages, kv_cache_blocks,
-                                 make_proposer)
+from loraserve.engine.setup import (adapter_base_shape, adapter_directory, adapter_dtype, adapter_pages,
+                                 kv_cache_blocks, make_proposer)
 from loraserve.engine.stop_checker import StopChecker
 from loraserve.intra_op_threads import share_cores_with_helper
 from loraserve.metrics import Metrics
@@ -43,7 +43,6 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.metrics = metrics or Metrics()
-        parameter = next(loaded.model.parameters())
         num_blocks, block_bytes = kv_cache_blocks(config, [model for model in (loaded, draft) if model is not None])
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings, num_blocks * config.block_size)
@@ -51,8 +50,9 @@ class LLMEngine:
                     config.block_size, num_blocks * block_bytes / 2**20, " with the draft's" if draft else "",
                     self.max_model_len)
         base = adapter_base_shape(loaded.config)
-        slots = SlotPool(base, config.max_loras, adapter_pages(config, base, parameter.dtype), config.max_lora_rank,
-                         parameter.device, parameter.dtype)
+        device, dtype = next(loaded.model.parameters()).device, adapter_dtype(loaded.model)
+        slots = SlotPool(base, config.max_loras, adapter_pages(config, base, dtype), config.max_lora_rank, device,
+                         dtype)
         directory, self.adapter_scratch = adapter_directory(config)
         self._news = threading.Event()  # an adapter placed or failed, or (`notify`) a request arrived
         self.adapters = AdapterRegistry(directory, base, slots, config.max_cpu_loras, config.max_lora_rank,

@@ -176,7 +176,8 @@ def add_groups(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights,
         if rank == 0:
             continue
         pages = weights.slot_pages[slot, :rank]
-        lora_a, lora_b = weights.lora_a[pages], weights.lora_b[pages]  # [rank, slices, in], [rank, out]
+        # [rank, slices, in], [rank, out], in the inputs' dtype (a quantized base's adapters are held in 16 bits)
+        lora_a, lora_b = weights.lora_a[pages].to(x.dtype), weights.lora_b[pages].to(x.dtype)
         inputs = x.index_select(0, rows)
         delta = torch.cat([(inputs @ lora_a[:, index].T) @ lora_b[:, start:end]
                            for index, (start, end) in enumerate(weights.slice_bounds)], dim=1)

@@ -46,10 +46,10 @@ def random_weights(num_slots: int, in_features: int, slice_sizes: list[int], ran
 
 
 def check_lora(token_slots: list[int], in_features: int, slice_sizes: list[int], rank: int, num_slots: int,
-               dtype: torch.dtype, device: str, tolerance: float, padded: bool = False, kernel: str = "triton"
-               ) -> None:
+               dtype: torch.dtype, device: str, tolerance: float, padded: bool = False, kernel: str = "triton",
+               weight_dtype: torch.dtype | None = None) -> None:
     generator = torch.Generator().manual_seed(len(token_slots) + rank)
-    weights = random_weights(num_slots, in_features, slice_sizes, rank, dtype, device, generator)
+    weights = random_weights(num_slots, in_features, slice_sizes, rank, weight_dtype or dtype, device, generator)
     x = torch.randn(len(token_slots), in_features, generator=generator).to(dtype=dtype, device=device)
     base = torch.randn(len(token_slots), sum(slice_sizes), generator=generator).to(dtype=dtype, device=device)
     output = base.clone()
@@ -90,6 +90,15 @@ def test_single_group_over_one_row_tile(kernel: str) -> None:
 def test_the_cpu_kernel_in_bfloat16_accumulates_in_float32() -> None:
     token_slots = [3, 0, -1, 1, 3, 2] * 5
     check_lora(token_slots, 64, [32, 16, 16], 8, 4, torch.bfloat16, "cpu", 1e-2, kernel="cpu")
+
+
+@pytest.mark.parametrize("kernel", ["cpu", "reference"])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_weights_under_float32_inputs(weight_dtype: torch.dtype, kernel: str) -> None:
+    """A quantized base's adapters are held in 16 bits: the product of the weights as stored, summed in float32."""
+    token_slots = [3, 0, -1, 1, 3, 2] * 5 + [1] * 40
+    check_lora(token_slots, 100, [48, 16, 16], 9, 4, torch.float32, "cpu", 1e-5, kernel=kernel,
+               weight_dtype=weight_dtype)
 
 
 def test_the_cpu_kernel_over_many_groups_and_a_long_group() -> None:
