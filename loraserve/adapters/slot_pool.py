@@ -61,6 +61,9 @@ class SlotPool:
             for layer in range(base.num_layers)
         ]
         self._free_pages = list(range(num_pages, 0, -1))  # page 0 is the zero page
+        # The Triton kernels read a slot's pages in every layer up to the batch's largest rank; the CPU ones only
+        # where the slot's rank in that layer is non-zero (see `_fill_pages`).
+        self.writes_every_layer = device.type == "cuda"
         if device.type == "cpu":
             KERNEL.start()  # built or loaded in the background now, so the first adapters' steps already use it
 
@@ -86,7 +89,8 @@ class SlotPool:
         index = torch.tensor(pages, device=self.slot_pages.device)
         for projection, pool in self._pools.items():
             bounds = self.layer_weights[0][projection].slice_bounds
-            adapted = _fill_pages(pool, pages, adapter, FUSED_PROJECTIONS[projection], bounds)
+            adapted = _fill_pages(pool, pages, adapter, FUSED_PROJECTIONS[projection], bounds,
+                                  only_adapted_layers=not self.writes_every_layer)
             self._set_ranks(projection, slot, [adapter.rank if layer in adapted else 0
                                                for layer in range(len(self.layer_weights))])
         self.slot_pages[slot] = 0
@@ -107,11 +111,13 @@ class SlotPool:
 
 
 def _fill_pages(pool: ProjectionPool, pages: list[int], adapter: LoraAdapter, targets: tuple[str, ...],
-                slice_bounds: list[tuple[int, int]]) -> set[int]:
+                slice_bounds: list[tuple[int, int]], only_adapted_layers: bool) -> set[int]:
     """Write one projection's pages of the adapter in place: A rows and scaled B columns where it adapts a layer's
-    slice, zero elsewhere (kernels may read a page in every layer up to the slot's rank); returns the layers it
-    adapts. Pages are written a run of consecutive ones at a time, as strided copies: no page-sized temporaries,
-    and no element-wise index_put."""
+    slice, zero elsewhere; returns the layers it adapts. The CPU kernels read a slot's pages only in layers where
+    its rank is non-zero (`only_adapted_layers`), so there pages of layers it does not adapt are left untouched
+    (an adapter of q and v writes a fraction of its pages; zeroing the rest was most of a load); the Triton
+    kernels read every slot up to the batch's largest rank, so on CUDA every layer is written. Pages are written a
+    run of consecutive ones at a time, as strided copies: no page-sized temporaries, no element-wise index_put."""
     stacked, adapted = {}, set()
     for target in targets:
         layers = [layer for layer in range(pool.lora_a.shape[1]) if (layer, target) in adapter.weights]
@@ -121,10 +127,16 @@ def _fill_pages(pool: ProjectionPool, pages: list[int], adapter: LoraAdapter, ta
             lora_b = torch.stack([adapter.weights[(layer, target)][1] for layer in layers])  # [layers, out, rank]
             scaled = lora_b.permute(2, 0, 1).float() * adapter.scale  # scaled in float32: [rank, layers, out]
             stacked[target] = (_layer_index(layers), lora_a.to(pool.lora_a), scaled.to(pool.lora_b))
+    if only_adapted_layers and not adapted:
+        return adapted
+    zeroed = slice(None) if not only_adapted_layers else _layer_index(sorted(adapted))
+    # Every adapted layer has every slice adapted: each element a kernel reads is written below.
+    covered = all(target in stacked and stacked[target][1].shape[1] == len(adapted) for target in targets)
     for offset, first, count in _runs(pages):
         page_a, page_b = pool.lora_a[first:first + count], pool.lora_b[first:first + count]
-        page_a.zero_()
-        page_b.zero_()
+        if not (only_adapted_layers and covered):
+            page_a[:, zeroed] = 0
+            page_b[:, zeroed] = 0
         for slice_index, (target, (start, end)) in enumerate(zip(targets, slice_bounds)):
             if target in stacked:
                 layers, lora_a, lora_b = stacked[target]

@@ -4,6 +4,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 from loraserve.adapters.format import BaseModelShape, LoraAdapter, load_adapter
@@ -106,14 +107,17 @@ def random_adapter(base: BaseModelShape, rank: int, modules: list[tuple[int, str
                        size_bytes=0, weights=weights)
 
 
-def test_pages_split_into_runs_and_layers_with_gaps_hold_exactly_the_new_adapter() -> None:
+@pytest.mark.parametrize("every_layer", [True, False], ids=["as on CUDA", "as on the CPU"])
+def test_pages_split_into_runs_and_layers_with_gaps_hold_exactly_the_new_adapter(every_layer: bool) -> None:
     """Pages reused out of order (two runs), after an adapter of every layer and target left them dirty, and an
-    adapter of layers 0, 2 and 3 only: every page in every layer must hold its A rows and scaled B columns or
-    zeros (the CUDA kernel reads a slot's pages in every layer, adapted or not)."""
+    adapter of layers 0, 2 and 3 only: every page a kernel reads must hold its A rows and scaled B columns or
+    zeros. The CUDA kernels read a slot's pages in every layer, adapted or not; the CPU ones only in layers where
+    the slot's rank is non-zero, so there the others may keep what they held."""
     base = BaseModelShape.for_llama(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4,
                                     num_kv_heads=2, head_dim=16)
     pool = SlotPool(base, num_slots=3, num_pages=12, max_rank=MAX_RANK, device=torch.device("cpu"),
                     dtype=torch.float32)
+    pool.writes_every_layer = every_layer
     everything = [(layer, target) for layer in range(4) for target in base.module_shapes]
     dirty, kept = pool.take_pages(8), pool.take_pages(2)
     pool.write(0, dirty, random_adapter(base, 8, everything, seed=1))
@@ -125,6 +129,10 @@ def test_pages_split_into_runs_and_layers_with_gaps_hold_exactly_the_new_adapter
     pool.write(1, pages, adapter)
     for layer in range(4):
         qkv, gate_up = pool.layer_weights[layer]["qkv_proj"], pool.layer_weights[layer]["gate_up_proj"]
+        assert qkv.ranks[1] == (6 if (layer, "q_proj") in adapter.weights else 0)
+        assert gate_up.ranks[1] == (6 if (layer, "up_proj") in adapter.weights else 0)
+        if not every_layer and qkv.ranks[1] == 0:
+            continue
         expected_a = torch.zeros(6, 3, 64)
         expected_b = torch.zeros(6, 128)
         if (layer, "q_proj") in adapter.weights:
@@ -133,10 +141,14 @@ def test_pages_split_into_runs_and_layers_with_gaps_hold_exactly_the_new_adapter
             expected_b[:, :64] = lora_b.T * adapter.scale
         torch.testing.assert_close(qkv.lora_a[pages], expected_a)
         torch.testing.assert_close(qkv.lora_b[pages], expected_b)
+        if not every_layer and gate_up.ranks[1] == 0:
+            continue
         expected_up = torch.zeros(6, 256)
         if (layer, "up_proj") in adapter.weights:
             expected_up[:, 128:] = adapter.weights[(layer, "up_proj")][1].T * adapter.scale
         torch.testing.assert_close(gate_up.lora_b[pages], expected_up)
-        assert not pool.layer_weights[layer]["down_proj"].lora_a[pages].any()
+        assert pool.layer_weights[layer]["down_proj"].ranks[1] == 0
+        if every_layer:
+            assert not pool.layer_weights[layer]["down_proj"].lora_a[pages].any()
         assert qkv.ranks[1] == (6 if layer != 1 else 0) and gate_up.ranks[1] == (6 if layer == 2 else 0)
     assert pool.slot_pages[1, :6].tolist() == pages
