@@ -40,7 +40,7 @@ class PrefillCounter:
         self._execute = engine.runner.execute
         engine.runner.execute = self._count
 
-    def _count(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+    def _count(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict]:
         self.total += sum(max(0, min(num_new, sequence.num_prompt_tokens - sequence.num_computed_tokens))
                           for sequence, num_new in zip(batch.sequences, batch.num_new_tokens))
         return self._execute(batch)

@@ -52,9 +52,12 @@ class LoraxJob:
                 "seed": self.parameters.seed if self.parameters.sampling else None}
 
     def details(self, generation: Generation) -> dict:
-        """Prompt tokens come without logprobs: the engine does not compute them."""
-        prefill = [{"id": token_id, "text": self.tokenizer.token_text(token_id), "logprob": None}
-                   for token_id in self.prompt_token_ids] if self.parameters.decoder_input_details else []
+        """With decoder_input_details, each prompt token and its logprob (null for the first, as in LoRAX)."""
+        prefill = []
+        if self.parameters.decoder_input_details:
+            prefill = [{"id": token_id, "text": self.tokenizer.token_text(token_id),
+                        "logprob": None if score is None else finite(score.logprob)}
+                       for token_id, score in zip(self.prompt_token_ids, generation.prompt_logprobs, strict=True)]
         return self.stream_details(generation) | {
             "prefill": prefill, "tokens": [self.token(entry) for entry in generation.logprobs],
             "best_of_sequences": None}

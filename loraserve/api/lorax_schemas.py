@@ -54,12 +54,13 @@ class GenerateParameters(RequestSchema):
                 or self.top_p not in (None, 1.0))
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """Always with logprobs: every LoRAX token carries its own."""
+        """Always with logprobs: every LoRAX token carries its own; prompt tokens' too with decoder_input_details."""
         return SamplingParams(
             max_tokens=max_tokens, temperature=(self.temperature or 1.0) if self.sampling else 0.0,
             top_k=self.top_k or 0, top_p=self.top_p or 1.0, repetition_penalty=self.repetition_penalty,
             seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos_token,
-            logprobs=self.return_k_alternatives or 0, speculative=self.speculative)
+            logprobs=self.return_k_alternatives or 0, speculative=self.speculative,
+            prompt_logprobs=0 if self.decoder_input_details else None)
 
 
 class GenerateRequest(RequestSchema):

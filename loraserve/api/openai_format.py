@@ -20,6 +20,9 @@ class OpenAIJob:
     include_usage: bool
     logprobs: int | None
     echo_texts: list[str] = field(default_factory=list)  # completions with echo: each prompt's text
+    # Completions whose logprobs start with the prompt's (echo with logprobs): each prompt's token ids.
+    echoed_token_ids: list[list[int]] = field(default_factory=list)
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: alternatives per prompt token
     created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, object_name: str, choices: list[dict], usage: dict | None = None) -> dict:
@@ -39,17 +42,46 @@ class OpenAIJob:
     def echo_text(self, choice_index: int) -> str:
         return self.echo_texts[choice_index // self.num_choices_per_prompt] if self.echo_texts else ""
 
+    def echoed_logprobs(self, choice_index: int, scores: list[TokenLogprob | None] | None, tokenizer: Tokenizer
+                        ) -> dict | None:
+        """The prompt's part of an echoed answer's logprobs (None unless echo with logprobs was asked)."""
+        if not self.echoed_token_ids:
+            return None
+        token_ids = self.echoed_token_ids[choice_index // self.num_choices_per_prompt]
+        return completion_logprobs(token_ids, scores or [], self.logprobs or 0, tokenizer, 0)
 
-def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Tokenizer, text_offset: int) -> dict:
-    """The legacy completions shape: parallel lists, alternatives as a token -> logprob map."""
-    tokens = [tokenizer.token_text(entry.token_id) for entry in logprobs]
+
+def completion_logprobs(token_ids: list[int], entries: list[TokenLogprob | None], count: int, tokenizer: Tokenizer,
+                        text_offset: int) -> dict:
+    """The legacy completions shape: parallel lists, alternatives as a token -> logprob map, null where a token
+    has no score (a prompt's first token). Offsets index the answer's text, where special tokens take no room."""
+    tokens = [tokenizer.token_text(token_id) for token_id in token_ids]
+    lengths = [0 if tokenizer.is_special(token_id) else len(token) for token_id, token in zip(token_ids, tokens)]
     return {
         "tokens": tokens,
-        "token_logprobs": [finite(entry.logprob) for entry in logprobs],
-        "top_logprobs": [{tokenizer.token_text(token_id): finite(value) for token_id, value in entry.top}
-                         for entry in logprobs],
-        "text_offset": list(accumulate((len(token) for token in tokens), initial=text_offset))[:-1],
+        "token_logprobs": [None if entry is None else finite(entry.logprob) for entry in entries],
+        "top_logprobs": [None if entry is None else
+                         {tokenizer.token_text(token_id): finite(value) for token_id, value in entry.top[:count]}
+                         for entry in entries],
+        "text_offset": list(accumulate(lengths, initial=text_offset))[:-1],
     }
+
+
+def joined_logprobs(first: dict | None, second: dict) -> dict:
+    """Two stretches of completion logprobs as one (an echoed prompt's, then the completion's)."""
+    return second if first is None else {key: first[key] + second[key] for key in second}
+
+
+def vllm_prompt_logprobs(scores: list[TokenLogprob | None], count: int, tokenizer: Tokenizer) -> list[dict | None]:
+    """vLLM's shape: per prompt token, null for the first, else a map from token id to its logprob, rank and text,
+    holding the prompt token and the `count` most likely."""
+    def entry(logprob: float, rank: int, token_id: int) -> dict:
+        return {"logprob": finite(logprob), "rank": rank, "decoded_token": tokenizer.token_text(token_id)}
+    return [None if score is None else
+            {score.token_id: entry(score.logprob, score.rank, score.token_id)}
+            | {token_id: entry(value, rank, token_id) for rank, (token_id, value) in enumerate(score.top[:count], 1)
+               if token_id != score.token_id}
+            for score in scores]
 
 
 def chat_token(token_id: int, logprob: float, tokenizer: Tokenizer) -> dict:

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Depends, Request
 from loraserve.api.errors import InvalidRequestError
 from loraserve.api.generation import (Generation, engine_of, new_request_id, select_adapter, submit, tokenize,
                                    tokenize_chat, unless_disconnected)
-from loraserve.api.openai_format import OpenAIJob, chat_logprobs, completion_logprobs, openai_chunks
+from loraserve.api.openai_format import (OpenAIJob, chat_logprobs, completion_logprobs, joined_logprobs,
+                                         openai_chunks, vllm_prompt_logprobs)
 from loraserve.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from loraserve.api.openapi import OPENAI_GENERATION_ERRORS
 from loraserve.api.streaming import add_stream_switch_route, sse_events
@@ -29,7 +30,8 @@ async def submitted_completion(body: CompletionRequest,
         raise InvalidRequestError("the prompt is empty", "prompt")
     engine.check_capacity(len(prompts) * body.n)  # before tokenizing a batch that could never run
     token_ids = [await tokenize(engine, p) if isinstance(p, str) else p for p in prompts]
-    params = [body.sampling_params(body.max_tokens, body.logprobs, i) for _ in prompts for i in range(body.n)]
+    params = [body.sampling_params(body.max_tokens, body.logprobs, i, body.prompt_scores)
+              for _ in prompts for i in range(body.n)]
     request_id = new_request_id("cmpl")
     adapter = await select_adapter(engine, body.model, "model")
     with submit(engine, [ids for ids in token_ids for _ in range(body.n)], params, request_id,
@@ -37,7 +39,7 @@ async def submitted_completion(body: CompletionRequest,
         # Decoded once submitted: the engine has checked that the token ids are few and in the vocabulary.
         echo_texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts] if body.echo else []
         yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,
-                        body.logprobs, echo_texts)
+                        body.logprobs, echo_texts, token_ids if body.echoed_logprobs else [], body.prompt_logprobs)
 
 
 async def submitted_chat(body: ChatCompletionRequest,
@@ -45,19 +47,26 @@ async def submitted_chat(body: ChatCompletionRequest,
     """The conversation through the model's chat template, answered n times."""
     prompt = await tokenize_chat(engine, [message.as_template_input() for message in body.messages])
     max_tokens = body.token_limit or max(1, engine.max_model_len - len(prompt))
-    params = [body.sampling_params(max_tokens, body.logprobs_count, i) for i in range(body.n)]
+    params = [body.sampling_params(max_tokens, body.logprobs_count, i, body.prompt_logprobs) for i in range(body.n)]
     request_id = new_request_id("chatcmpl")
     adapter = await select_adapter(engine, body.model, "model")
     with submit(engine, [prompt] * body.n, params, request_id, adapter) as submission:
         yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,
-                        body.logprobs_count)
+                        body.logprobs_count, prompt_logprobs=body.prompt_logprobs)
 
 
 def completion_choice(job: OpenAIJob, index: int, generation: Generation, tokenizer: Tokenizer) -> dict:
     echo = job.echo_text(index)
-    logprobs = None if job.logprobs is None else completion_logprobs(generation.logprobs, tokenizer, len(echo))
-    return {"index": index, "text": echo + generation.text, "logprobs": logprobs,
-            "finish_reason": generation.finish_reason}
+    logprobs = None
+    if job.logprobs is not None:
+        generated = completion_logprobs([entry.token_id for entry in generation.logprobs], generation.logprobs,
+                                        job.logprobs, tokenizer, len(echo))
+        logprobs = joined_logprobs(job.echoed_logprobs(index, generation.prompt_logprobs, tokenizer), generated)
+    choice = {"index": index, "text": echo + generation.text, "logprobs": logprobs,
+              "finish_reason": generation.finish_reason}
+    if job.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = vllm_prompt_logprobs(generation.prompt_logprobs, job.prompt_logprobs, tokenizer)
+    return choice
 
 
 def chat_choice(job: OpenAIJob, index: int, generation: Generation, tokenizer: Tokenizer) -> dict:
@@ -75,7 +84,11 @@ async def answer(request: Request, job: OpenAIJob, object_name: str, choice_of: 
     tokenizer = engine_of(request).tokenizer
     choices = [choice_of(job, index, generation, tokenizer) for index, generation in enumerate(generations)]
     usage = job.usage(sum(len(g.token_ids) for g in generations), [g.num_cached_tokens for g in generations])
-    return job.envelope(object_name, choices, usage)
+    body = job.envelope(object_name, choices, usage)
+    if job.prompt_logprobs is not None and object_name == "chat.completion":  # vLLM's place for them in chat
+        body["prompt_logprobs"] = vllm_prompt_logprobs(generations[0].prompt_logprobs, job.prompt_logprobs,
+                                                       tokenizer)
+    return body
 
 
 async def create_completion(request: Request, job: OpenAIJob = Depends(submitted_completion)) -> dict:
@@ -88,20 +101,26 @@ async def create_chat_completion(request: Request, job: OpenAIJob = Depends(subm
 
 async def stream_completion(request: Request,
                             job: OpenAIJob = Depends(submitted_completion)) -> AsyncIterator[bytes]:
-    """Echoed prompts first (when asked), then each output's text; the last one carries finish_reason."""
+    """Each choice's echoed prompt (when asked) with its first output, since its logprobs come with that output;
+    then each output's text; the last one carries finish_reason."""
     tokenizer = engine_of(request).tokenizer
-    num_choices = len(job.submission.streams)
-    text_lengths = [len(job.echo_text(index)) for index in range(num_choices)]
+    text_lengths = [len(job.echo_text(index)) for index in range(len(job.submission.streams))]
+    echoed: set[int] = set()
 
     def choices_of(index: int, output: RequestOutput) -> list[dict]:
-        logprobs = None if job.logprobs is None else completion_logprobs(output.logprobs, tokenizer,
-                                                                         text_lengths[index])
+        choices = []
+        if job.echo_texts and index not in echoed:
+            echoed.add(index)
+            choices.append({"index": index, "text": job.echo_text(index), "finish_reason": None,
+                            "logprobs": job.echoed_logprobs(index, output.prompt_logprobs, tokenizer)})
+        logprobs = None if job.logprobs is None else completion_logprobs(
+            [entry.token_id for entry in output.logprobs], output.logprobs, job.logprobs, tokenizer,
+            text_lengths[index])
         text_lengths[index] += len(output.text)
-        return [{"index": index, "text": output.text, "logprobs": logprobs, "finish_reason": output.finish_reason}]
+        return choices + [{"index": index, "text": output.text, "logprobs": logprobs,
+                           "finish_reason": output.finish_reason}]
 
-    opening = [{"index": index, "text": job.echo_text(index), "logprobs": None, "finish_reason": None}
-               for index in range(num_choices) if job.echo_texts]
-    async for event in sse_events(openai_chunks(job, "text_completion", opening, choices_of), openai=True):
+    async for event in sse_events(openai_chunks(job, "text_completion", [], choices_of), openai=True):
         yield event
 
 

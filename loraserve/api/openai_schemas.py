@@ -44,8 +44,16 @@ class SamplingRequest(RequestSchema):
     stop_token_ids: list[TokenId] = Field([], max_length=MAX_STOP_SEQUENCES)
     ignore_eos: bool = False
     speculative: bool = True  # false: no speculative decoding for this request
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's logprob
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def prompt_logprobs_are_not_streamed(self) -> "SamplingRequest":
+        """As in vLLM: prompt logprobs come in a whole answer, not in a stream."""
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs are not available with stream: true")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -56,33 +64,42 @@ class SamplingRequest(RequestSchema):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, index: int,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's settings for the `index`-th choice; a seeded request gives choice i the seed + i."""
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + index,
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            speculative=self.speculative)
+            prompt_logprobs=prompt_logprobs, speculative=self.speculative)
 
 
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions: the prompt is text, token ids, or a batch of either."""
 
     prompt: str | FailFast[list[str]] | FailFast[list[TokenId]] | FailFast[list[FailFast[list[TokenId]]]]
-    max_tokens: int = Field(16, ge=1, le=MAX_INT32)
+    max_tokens: int = Field(16, ge=0, le=MAX_INT32)  # 0: score (or echo) the prompt, generate nothing
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
     @model_validator(mode="after")
-    def echo_with_logprobs_is_refused(self) -> "CompletionRequest":
-        """OpenAI's echo with logprobs scores the prompt's tokens too (how evaluation tools compute
-        loglikelihoods); the engine does not compute prompt logprobs yet, and an answer with only the generated
-        tokens' would be read as wrong scores."""
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (the prompt tokens' logprobs) is not supported by this server yet; "
-                             "send echo or logprobs, not both")
+    def nothing_to_generate_needs_echo(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
+            raise ValueError("max_tokens 0 generates nothing: it needs echo (or prompt_logprobs) to answer anything")
         return self
+
+    @property
+    def echoed_logprobs(self) -> bool:
+        """OpenAI's echo with logprobs: the answer's logprobs start with the prompt's tokens (the first null)."""
+        return self.echo and self.logprobs is not None
+
+    @property
+    def prompt_scores(self) -> int | None:
+        """Alternatives per prompt token the engine must report (None: no prompt scores), for both echo's
+        logprobs and vLLM's prompt_logprobs."""
+        wanted = [count for count in (self.logprobs if self.echo else None, self.prompt_logprobs) if count is not None]
+        return max(wanted) if wanted else None
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts, each as text or token ids."""

@@ -82,8 +82,9 @@ whoever shares it then only reads it, and writes past it."""
 
     def cached_prefix(self, sequence: Sequence) -> tuple[int, ...]:
         """The cached blocks holding the longest run of `sequence`'s leading full blocks. The block with its last
-        token never counts, so the step computing that token yields the logits that sample the next one."""
-        if not self.enable_caching:
+        token never counts, so the step computing that token yields the logits that sample the next one. A request
+        still scoring its prompt takes none: its positions' logits are needed (caching never changes a score)."""
+        if not self.enable_caching or sequence.scoring_prompt:
             return ()
         blocks: list[int] = []
         parent_digest = b""

@@ -9,6 +9,8 @@ the target's (keys hold verified tokens only), so requests sharing a prompt pref
 shadow lives until its request finishes (a preempted request keeps its tokens, so its shadow stays valid); when
 the draft's cache is full, the requests that do not fit get no drafts that step.
 """
+import dataclasses
+
 import torch
 
 from loraserve.engine.block_manager import BlockManager
@@ -59,7 +61,7 @@ class DraftModelProposer:
             budget -= num_new
         if batch.empty:
             return []
-        logits, sampling = self.runner.execute(batch)
+        logits, sampling, _ = self.runner.execute(batch)
         for shadow, num_new in zip(batch.sequences, batch.num_new_tokens):
             shadow.num_computed_tokens += num_new
         sampled = [batch.sequences[row] for row in sampling]
@@ -95,8 +97,10 @@ class DraftModelProposer:
         roll back the rest, and queue the tokens the draft has not seen for catch-up."""
         shadow = self.shadows.get(sequence.request_id)
         if shadow is None:
-            shadow = Sequence(sequence.request_id, list(sequence.token_ids), sequence.num_prompt_tokens,
-                              sequence.params, sequence.generator)
+            # The draft samples as the request does, but never scores its prompt (the target does that).
+            params = dataclasses.replace(sequence.params, prompt_logprobs=None)
+            shadow = Sequence(sequence.request_id, list(sequence.token_ids), sequence.num_prompt_tokens, params,
+                              sequence.generator)
             self.shadows[sequence.request_id] = shadow
             return shadow
         new_tokens = sequence.token_ids[shadow.num_tokens:]

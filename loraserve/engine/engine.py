@@ -14,7 +14,7 @@ from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.errors import EngineDeadError, RequestFailedError, RequestValidationError
 from loraserve.engine.fault_isolation import GeneratorSnapshot, is_device_fatal, isolate
 from loraserve.engine.model_runner import ModelRunner
-from loraserve.engine.outputs import RequestOutput
+from loraserve.engine.outputs import RequestOutput, TokenLogprob
 from loraserve.engine.sampler import Sampled, sample
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.scheduler import ScheduledBatch, Scheduler
@@ -93,8 +93,8 @@ class LLMEngine:
                 f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds {self.max_model_len}")
         if any(not 0 <= token < self.model_config.vocab_size for token in params.stop_token_ids):
             raise RequestValidationError(f"stop_token_ids must lie in [0, {self.model_config.vocab_size})")
-        if params.max_tokens < 1:
-            raise RequestValidationError("max_tokens must be at least 1")
+        if params.max_tokens < 0:
+            raise RequestValidationError("max_tokens must be at least 0 (0: score the prompt only)")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise RequestValidationError(
                 f"the prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
@@ -166,13 +166,16 @@ class LLMEngine:
         if not work:
             return []
         batch = ScheduledBatch([sequence for sequence, _ in work], [num_new for _, num_new in work])
-        logits, sampling = self.runner.execute(batch)
+        logits, sampling, prompt_scores = self.runner.execute(batch)
         sampled = [batch.sequences[index] for index in sampling]
         results = sample(logits, sampled)
         self.consecutive_culprits = 0
         for sequence, num_new in work:
             sequence.num_computed_tokens += num_new
-        outputs = []
+        for index, scores in prompt_scores.items():
+            batch.sequences[index].prompt_logprobs.extend(scores)
+        outputs = [self._finish_scoring(sequence) for sequence, _ in work
+                   if sequence.params.max_tokens == 0 and sequence.num_computed_tokens == sequence.num_tokens]
         for sequence, result in zip(sampled, results):
             try:
                 outputs.append(self._accept(sequence, result))
@@ -238,6 +241,18 @@ class LLMEngine:
         return RequestOutput(sequence.request_id, [], "", [], True, "error", None, sequence.num_prompt_tokens,
                              sequence.num_output_tokens, sequence.num_cached_tokens, error=error)
 
+    def _finish_scoring(self, sequence: Sequence) -> RequestOutput:
+        """End a request that only scores its prompt (max_tokens 0), now that its prompt is computed."""
+        self._finish(sequence, "length")
+        del self.sequences[sequence.request_id]
+        self.metrics.requests_finished.labels(finished_reason="length").inc()
+        return RequestOutput(sequence.request_id, [], "", [], True, "length", None, sequence.num_prompt_tokens, 0,
+                             sequence.num_cached_tokens, prompt_logprobs=self._prompt_logprobs(sequence))
+
+    @staticmethod
+    def _prompt_logprobs(sequence: Sequence) -> list[TokenLogprob | None] | None:
+        return sequence.prompt_logprobs if sequence.params.prompt_logprobs is not None else None
+
     def _accept(self, sequence: Sequence, result: Sampled) -> RequestOutput:
         """Append a sequence's new tokens; roll its KV back past the last accepted draft."""
         sequence.truncate_drafts()
@@ -252,6 +267,7 @@ class LLMEngine:
     def _append_tokens(self, sequence: Sequence, result: Sampled) -> RequestOutput:
         """Append tokens one at a time until one stops the request: a stop inside an accepted run drops the
         tokens after it."""
+        first_output = sequence.first_token_time is None
         appended = 0
         for token in result.token_ids:
             sequence.token_ids.append(token)
@@ -275,6 +291,7 @@ class LLMEngine:
             num_prompt_tokens=sequence.num_prompt_tokens,
             num_output_tokens=sequence.num_output_tokens,
             num_cached_tokens=sequence.num_cached_tokens,
+            prompt_logprobs=self._prompt_logprobs(sequence) if first_output else None,
         )
 
     def _finish(self, sequence: Sequence, reason: str, stop_reason: str | int | None = None) -> None:

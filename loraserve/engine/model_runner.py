@@ -4,6 +4,8 @@ import torch
 from loraserve.kernels.attention import AttentionMetadata
 from loraserve.kernels.lora import LoraMapping, LoraWeights
 from loraserve.engine.cuda_graphs import DecodeGraphs
+from loraserve.engine.outputs import TokenLogprob
+from loraserve.engine.prompt_scoring import score_prompts
 from loraserve.engine.scheduler import ScheduledBatch
 from loraserve.engine.sequence import Sequence
 from loraserve.model.config import ModelConfig
@@ -45,9 +47,10 @@ class ModelRunner:
         self.graphs = graphs
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
         """Compute the batch's new tokens. Return the logits of the sequences whose chunk reaches their last
-        token (they sample next), and those sequences' indices in the batch. Such a sequence gets a row for each
+        token (they sample next, unless they only score their prompt), those sequences' indices in the batch, and
+        the prompt tokens' scores of the sequences that asked, by index. A sampling sequence gets a row for each
         new position from its last verified token on, in order: the logits that verify its drafts, then the
         one after them (a single row without drafts)."""
         input_ids, positions, metadata, query_ends = self._prepare(batch)
@@ -61,13 +64,15 @@ class ModelRunner:
         sampling = [
             index for index, (sequence, num_new) in enumerate(zip(batch.sequences, batch.num_new_tokens))
             if sequence.num_computed_tokens + num_new == sequence.num_tokens + len(sequence.draft_token_ids)
+            and sequence.params.max_tokens > 0
         ]
         rows = [row for index in sampling
                 for row in range(query_ends[index] - self._num_sampled_rows(batch.sequences[index],
                                                                             batch.num_new_tokens[index]),
                                  query_ends[index])]
         rows_tensor = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows_tensor)), sampling
+        scores = score_prompts(self.model, hidden, batch.sequences, batch.num_new_tokens, query_ends)
+        return self.model.compute_logits(hidden.index_select(0, rows_tensor)), sampling, scores
 
     @staticmethod
     def _num_sampled_rows(sequence: Sequence, num_new: int) -> int:

@@ -9,6 +9,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
+    rank: int = 1  # 1 + how many tokens the model found more likely
 
 
 @dataclass
@@ -26,3 +27,5 @@ class RequestOutput:
     num_output_tokens: int  # total so far
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: Exception | None = None  # why the engine ended it, when finish_reason is "error"
+    # In a request's first output, when it asked (`prompt_logprobs`): one per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None

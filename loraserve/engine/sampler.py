@@ -106,22 +106,23 @@ def draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (weights / noise).argmax()
 
 
-def gather_logprobs(logprobs: torch.Tensor, picks: list[tuple[int, int, SamplingParams]]
-                    ) -> list[TokenLogprob | None]:
-    """For each (row, chosen token, settings): the token's log-probability under the model and the most likely
-    alternatives, when its request asked. One read from the device for the whole step, not one per token."""
-    wanted = [index for index, (_, _, params) in enumerate(picks) if params.logprobs is not None]
+def gather_logprobs(logprobs: torch.Tensor, picks: list[tuple[int, int, int | None]]) -> list[TokenLogprob | None]:
+    """For each (row, token, alternatives wanted or None): the token's log-probability under the model, its rank
+    and the most likely alternatives, where asked. One read from the device for all of them, not one per token."""
+    wanted = [index for index, (_, _, count) in enumerate(picks) if count is not None]
     results: list[TokenLogprob | None] = [None] * len(picks)
     if not wanted:
         return results
     rows = torch.tensor([picks[index][0] for index in wanted], device=logprobs.device)
     tokens = torch.tensor([picks[index][1] for index in wanted], device=logprobs.device)
-    chosen = logprobs[rows, tokens].tolist()
-    most = max(picks[index][2].logprobs for index in wanted)
+    chosen = logprobs[rows, tokens]
+    ranks = ((logprobs[rows] > chosen[:, None]).sum(dim=-1) + 1).tolist()
+    most = max(picks[index][2] for index in wanted)
     top_values, top_ids = logprobs[rows].topk(most, dim=-1) if most else (torch.empty(len(wanted), 0),) * 2
-    for index, value, values, ids in zip(wanted, chosen, top_values.tolist(), top_ids.tolist()):
-        _, token, params = picks[index]
-        results[index] = TokenLogprob(token, value, [(int(i), v) for i, v in zip(ids, values)][:params.logprobs])
+    for index, value, rank, values, ids in zip(wanted, chosen.tolist(), ranks, top_values.tolist(),
+                                               top_ids.tolist()):
+        _, token, count = picks[index]
+        results[index] = TokenLogprob(token, value, [(int(i), v) for i, v in zip(ids, values)][:count], rank)
     return results
 
 
@@ -169,7 +170,7 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[Sampled]:
     wants_logprobs = any(sequence.params.logprobs is not None for sequence in sequences)
     logprobs = logits.log_softmax(dim=-1) if wants_logprobs else logits
     tokens, starts = choose_tokens(apply_penalties(logits, rows), rows, sequences)
-    picks = [(start + offset, token, sequence.params)
+    picks = [(start + offset, token, sequence.params.logprobs)
              for sequence, sequence_tokens, start in zip(sequences, tokens, starts)
              for offset, token in enumerate(sequence_tokens)]
     token_logprobs = iter(gather_logprobs(logprobs, picks))

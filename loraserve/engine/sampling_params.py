@@ -22,6 +22,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the k most likely
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob (the first has none) plus the
+    # k most likely at its position; with max_tokens 0 the request only scores its prompt
     speculative: bool = True  # let the server's speculative decoding (if configured) propose tokens for it
 
     @property

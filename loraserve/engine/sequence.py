@@ -6,6 +6,7 @@ from enum import Enum, auto
 import torch
 
 from loraserve.adapters.registry import AdapterRef
+from loraserve.engine.outputs import TokenLogprob
 from loraserve.engine.sampling_params import SamplingParams
 
 
@@ -54,9 +55,22 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     detokenizer: DetokenizerState = field(default_factory=DetokenizerState)
+    # When its params ask: each prompt token's logprob so far (the first token has none), scored as prefill
+    # chunks compute the positions before them; kept across preemption, so a recomputed prompt is not scored twice.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Whether prompt tokens remain to be scored: their positions must be computed, not taken from the prefix
+        cache."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:

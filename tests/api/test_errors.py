@@ -15,15 +15,16 @@ OPENAI_CASES = [
     ("/v1/completions", {"prompt": TOO_LONG}, 400, None),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 1000}, 400, None),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 1000, "stream": True}, 400, None),
-    ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, 400, None),  # nothing to answer without echo
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "Hi", "temperature": 50}, 400, "temperature"),
     ("/v1/completions", {"prompt": "Hi", "top_p": 1.5}, 400, "top_p"),
     ("/v1/completions", {"prompt": "Hi", "n": 1000}, 400, "n"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 99}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "Hi", "stop": ["x"] * 40}, 400, "stop"),
     ("/v1/completions", {"prompt": "Hi", "logit_bias": {"1": 5}}, 400, "logit_bias"),
-    ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1}, 400, None),
-    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 1, "stream": True}, 400, None),
     ("/v1/completions", {"prompt": ""}, 400, None),
     ("/v1/completions", {"prompt": [99999999]}, 400, None),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
@@ -32,6 +33,7 @@ OPENAI_CASES = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": TOO_LONG}]}, 400, None),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 5000}, 400, None),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 3}, 400, None),
+    ("/v1/chat/completions", {"messages": CHAT, "prompt_logprobs": 1, "stream": True}, 400, None),
 ]
 
 LORAX_CASES = [

@@ -29,6 +29,6 @@ class ComputedTokens:
         self._execute = engine.runner.execute
         engine.runner.execute = self._count
 
-    def _count(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+    def _count(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict]:
         self.total += sum(batch.num_new_tokens)
         return self._execute(batch)
