@@ -2,8 +2,8 @@
 
 Every server gets the same prompts from the same streaming client: output tokens/s with one request at a time and
 with --concurrency at once, and the median time to first token. Each loraserve format's perplexity, and how often
-its top token equals float32's, are computed in process (decoding in chunks of 8 tokens, as the server's decodes
-and drafts run) over up to 2,048 tokens of README.md.
+its top token equals float32's, are computed in process through the engine's prompt scoring (`benchmarks.perplexity`,
+in chunks of 8 tokens, as the server's decodes and drafts run) over up to 2,048 tokens of README.md.
 
 llama-server is not installed by pip. Build it from the llama.cpp vendored in llama-cpp-python's source package:
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
@@ -33,8 +33,12 @@ from pathlib import Path
 import httpx
 import torch
 
+from benchmarks.perplexity import Window, engine_scores, text_tokens
 from benchmarks.serve_throughput import free_port, make_prompts, run_transformers
+from loraserve.config import ServerConfig
+from loraserve.engine.engine import LLMEngine
 from loraserve.model.embedded import embedded_gguf_path
+from loraserve.model.loader import load_model
 
 LORASERVE_FORMATS = {"int4 (default)": [], "int8": ["--quantization", "int8"],
                      "bfloat16": ["--dtype", "bfloat16", "--quantization", "none"], "float32": ["--dtype", "float32"]}
@@ -120,22 +124,18 @@ def llama_model_file(llama_server: Path, kind: str, out: Path) -> Path | None:
 
 
 def perplexities() -> dict[str, tuple[float, float]]:
-    """Each loraserve format's perplexity over README.md, and how often its top token agrees with float32's, in
-    process."""
-    from loraserve.model.loader import load_model
-    from tests.model.helpers import PagedCache, spare_blocks
-
+    """Each loraserve format's perplexity over README.md, and how often its top token agrees with float32's,
+    through the engine's prompt scoring in chunks of 8 tokens (as the server's decodes and drafts run)."""
     results, reference = {}, None
     for name, (dtype, quantization) in PERPLEXITY_SETTINGS.items():
         loaded = load_model("embedded", torch.device("cpu"), dtype, quantization)
-        tokens = loaded.tokenizer.encode(Path("README.md").read_text())[:PERPLEXITY_TOKENS]
-        cache = PagedCache(loaded.model, num_blocks=spare_blocks(len(tokens), 16), block_size=16)
-        sequence = cache.add_sequence(len(tokens))
-        logits = torch.cat([cache.step([(sequence, tokens[i:i + 8])])[0] for i in range(0, len(tokens), 8)])
-        loss = torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(tokens[1:]))
-        top = logits.argmax(-1)
+        tokens = text_tokens(loaded.tokenizer, Path("README.md").read_text())[:PERPLEXITY_TOKENS + 1]
+        engine = LLMEngine(loaded, ServerConfig(max_num_batched_tokens=8, max_model_len=len(tokens) + 1))
+        scores = engine_scores(engine, [Window(tokens, 1)], None, alternatives=1)
+        top = [score.top[0][0] for score in scores]
         reference = top if reference is None else reference
-        results[name] = (math.exp(loss.item()), (top == reference).float().mean().item())
+        agreement = sum(ours == theirs for ours, theirs in zip(top, reference)) / len(top)
+        results[name] = (math.exp(-sum(score.logprob for score in scores) / len(scores)), agreement)
     return results
 
 

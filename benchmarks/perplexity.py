@@ -27,6 +27,7 @@ from benchmarks.embedded import add_device_and_out
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import resolve_device, resolve_dtype
 from loraserve.engine.engine import LLMEngine
+from loraserve.engine.outputs import TokenLogprob
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.model.embedded import embedded_gguf_path
 from loraserve.model.loader import load_model
@@ -56,27 +57,33 @@ def rolling_windows(tokens: list[int], window: int, stride: int) -> list[Window]
     return windows
 
 
-def engine_log_likelihood(engine: LLMEngine, windows: list[Window], adapter: str | None) -> float:
-    """The sum of the scored tokens' logprobs, every window a score-only request, all in flight together."""
+def engine_scores(engine: LLMEngine, windows: list[Window], adapter: str | None, alternatives: int = 0
+                  ) -> list[TokenLogprob]:
+    """Every scored token's logprob (and its `alternatives` most likely), in the text's order; every window is a
+    score-only request, all in flight together."""
     reference = engine.adapters.resolve(adapter) if adapter else None
     for index, window in enumerate(windows):
         if reference is not None:
             engine.adapters.pin(reference)  # each request owns one pin, and drops it when it ends
-        engine.add_request(f"window-{index}", window.tokens, SamplingParams(max_tokens=0, prompt_logprobs=0),
-                           reference)
+        engine.add_request(f"window-{index}", window.tokens,
+                           SamplingParams(max_tokens=0, prompt_logprobs=alternatives), reference)
     if reference is not None:
         engine.adapters.unpin(reference)
-    total, done = 0.0, 0
+    scores: dict[int, list[TokenLogprob]] = {}
     while engine.has_unfinished_requests():
         for output in engine.step():
             if output.error is not None:
                 raise output.error
-            first = windows[int(output.request_id.removeprefix("window-"))].first_scored
-            total += sum(score.logprob for score in output.prompt_logprobs[first:])
-            done += 1
-            print(f"\r  loraserve: {done}/{len(windows)} windows", end="", file=sys.stderr)
+            index = int(output.request_id.removeprefix("window-"))
+            scores[index] = output.prompt_logprobs[windows[index].first_scored:]
+            print(f"\r  loraserve: {len(scores)}/{len(windows)} windows", end="", file=sys.stderr)
     print(file=sys.stderr)
-    return total
+    return [score for index in range(len(windows)) for score in scores[index]]
+
+
+def engine_log_likelihood(engine: LLMEngine, windows: list[Window], adapter: str | None) -> float:
+    """The sum of the scored tokens' logprobs."""
+    return sum(score.logprob for score in engine_scores(engine, windows, adapter))
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from tests.api.lora_helpers import encode, peft_model, save_random_adapter, toke
 
 pytestmark = pytest.mark.slow
 
-TEXT = "the quick brown fox jumps over the lazy dog, hello world"
+TEXT = "the quick brown fox jumps over the lazy dog, hello world. paged attention caches keys, hello there"
 NAMES = ["scoring-attention", "scoring-everything"]
 SETTINGS = [dict(rank=4, targets=["q_proj", "v_proj"]), dict(rank=8)]
 
@@ -52,7 +52,12 @@ def expected(tiny_model_dir, adapters, prompt) -> dict[str | None, list[float]]:
 @pytest.mark.parametrize("name", [None, *NAMES])
 def test_echo_with_logprobs_scores_the_prompt_through_the_openai_client(adapter_server, tiny_model_dir, prompt,
                                                                        expected, name) -> None:
+    """A plain request first leaves the prompt's blocks in the prefix cache: the scoring request computes them
+    again (no cached tokens) and gets PEFT's scores."""
     client = openai.OpenAI(base_url=f"{adapter_server.url}/v1", api_key="unused", max_retries=0)
+    client.completions.create(model=name or "", prompt=TEXT, max_tokens=1)
+    again = client.completions.create(model=name or "", prompt=TEXT, max_tokens=1)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
     answer = client.completions.create(model=name or "", prompt=TEXT, echo=True, logprobs=2, max_tokens=0)
     logprobs = answer.choices[0].logprobs
     assert answer.choices[0].text == TEXT and answer.choices[0].finish_reason == "length"
@@ -62,7 +67,7 @@ def test_echo_with_logprobs_scores_the_prompt_through_the_openai_client(adapter_
     assert all(len(top) <= 2 and max(top.values()) >= value
                for top, value in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:]))
     assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
-    assert answer.usage.completion_tokens == 0
+    assert answer.usage.completion_tokens == 0 and answer.usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_echo_with_logprobs_and_a_completion_lists_both(adapter_server, tiny_model_dir, prompt, expected) -> None:
