@@ -104,7 +104,7 @@ def summary(log_likelihood: float, num_tokens: int, num_bytes: int, seconds: flo
             "tokens_per_second": num_tokens / seconds}
 
 
-def run_transformers(windows: list[Window], adapter: Path | None) -> float:
+def load_transformers(adapter: Path | None) -> torch.nn.Module:
     """transformers' own GGUF loading of the embedded model (dequantized to float32), PEFT's with an adapter."""
     from transformers import AutoModelForCausalLM
 
@@ -113,7 +113,7 @@ def run_transformers(windows: list[Window], adapter: Path | None) -> float:
     if adapter is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter).eval()
-    return torch_log_likelihood(model, windows)
+    return model
 
 
 def plot(results: dict, path: Path) -> None:
@@ -159,9 +159,10 @@ def main() -> None:
     seconds = {"loraserve": time.perf_counter() - started}
     if args.compare:
         print("  transformers...", file=sys.stderr)
+        model, name = load_transformers(args.adapter), "transformers" if args.adapter is None else "PEFT"
         started = time.perf_counter()
-        systems["transformers" if args.adapter is None else "PEFT"] = run_transformers(windows, args.adapter)
-        seconds[list(systems)[-1]] = time.perf_counter() - started
+        systems[name] = torch_log_likelihood(model, windows)
+        seconds[name] = time.perf_counter() - started
     num_tokens, num_bytes = len(tokens) - 1, len(text.encode())
     results = {"text": str(args.text), "tokens": num_tokens, "bytes": num_bytes, "window": args.window,
                "stride": args.stride, "windows": len(windows), "adapter": str(args.adapter) if args.adapter else None,

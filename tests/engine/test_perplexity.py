@@ -53,10 +53,11 @@ def test_tiny_model_perplexity_equals_transformers(tmp_path: Path, with_adapter:
 
 @pytest.mark.slow
 def test_embedded_model_perplexity_equals_transformers() -> None:
-    from benchmarks.perplexity import run_transformers
+    from benchmarks.perplexity import load_transformers
 
     loaded = load_model("embedded", torch.device("cpu"), torch.float32)
     text = Path("README.md").read_text()[:3000]
     windows = rolling_windows(text_tokens(loaded.tokenizer, text), window=256, stride=128)
     ours = engine_log_likelihood(LLMEngine(loaded, ServerConfig(max_model_len=257)), windows, None)
-    assert perplexity(ours, windows) == pytest.approx(perplexity(run_transformers(windows, None), windows), rel=1e-4)
+    assert perplexity(ours, windows) == pytest.approx(perplexity(
+        torch_log_likelihood(load_transformers(None), windows), windows), rel=1e-4)
