@@ -12,8 +12,8 @@ import torch
 from lorax import Client
 
 from loraserve.model.embedded import embedded_gguf_path
-from tests.api.conftest import Server, start_server
-from tests.api.lora_helpers import encode, peft_model, save_random_adapter, token_texts, upload
+from tests.api.conftest import ADAPTER_FLAGS, Server, start_server
+from tests.api.lora_helpers import ADMIN_KEY, encode, peft_model, save_random_adapter, token_texts, upload
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +23,19 @@ SETTINGS = [dict(rank=4, targets=["q_proj", "v_proj"]), dict(rank=8)]
 
 
 @pytest.fixture(scope="module")
-def adapters(adapter_server, tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+def scoring_server(tiny_model_dir, tmp_path_factory) -> Iterator[Server]:
+    """The tiny model with prefill chunks of 8 tokens: every scored prompt spans several steps."""
+    yield from start_server(tmp_path_factory.mktemp("scoring_server"), *ADAPTER_FLAGS, "--max-num-batched-tokens",
+                            "8", model=str(tiny_model_dir), admin_key=ADMIN_KEY)
+
+
+@pytest.fixture(scope="module")
+def adapters(scoring_server, tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("scoring")
     saved = {name: save_random_adapter(tiny_model_dir, directory / name, seed=70 + index, **settings)
              for index, (name, settings) in enumerate(zip(NAMES, SETTINGS))}
     for name, adapter_dir in saved.items():
-        assert upload(adapter_server.url, name, adapter_dir).status_code == 201
+        assert upload(scoring_server.url, name, adapter_dir).status_code == 201
     return saved
 
 
@@ -50,11 +57,11 @@ def expected(tiny_model_dir, adapters, prompt) -> dict[str | None, list[float]]:
 
 
 @pytest.mark.parametrize("name", [None, *NAMES])
-def test_echo_with_logprobs_scores_the_prompt_through_the_openai_client(adapter_server, tiny_model_dir, prompt,
+def test_echo_with_logprobs_scores_the_prompt_through_the_openai_client(scoring_server, tiny_model_dir, prompt,
                                                                        expected, name) -> None:
     """A plain request first leaves the prompt's blocks in the prefix cache: the scoring request computes them
     again (no cached tokens) and gets PEFT's scores."""
-    client = openai.OpenAI(base_url=f"{adapter_server.url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{scoring_server.url}/v1", api_key="unused", max_retries=0)
     client.completions.create(model=name or "", prompt=TEXT, max_tokens=1)
     again = client.completions.create(model=name or "", prompt=TEXT, max_tokens=1)
     assert again.usage.prompt_tokens_details.cached_tokens > 0
@@ -70,10 +77,10 @@ def test_echo_with_logprobs_scores_the_prompt_through_the_openai_client(adapter_
     assert answer.usage.completion_tokens == 0 and answer.usage.prompt_tokens_details.cached_tokens == 0
 
 
-def test_echo_with_logprobs_and_a_completion_lists_both(adapter_server, tiny_model_dir, prompt, expected) -> None:
+def test_echo_with_logprobs_and_a_completion_lists_both(scoring_server, tiny_model_dir, prompt, expected) -> None:
     body = {"model": NAMES[0], "prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 3, "temperature": 0,
             "ignore_eos": True}
-    choice = httpx.post(f"{adapter_server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    choice = httpx.post(f"{scoring_server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
     logprobs = choice["logprobs"]
     assert len(logprobs["tokens"]) == len(prompt) + 3
     assert logprobs["token_logprobs"][1:len(prompt)] == pytest.approx(expected[NAMES[0]], abs=1e-4)
@@ -82,7 +89,7 @@ def test_echo_with_logprobs_and_a_completion_lists_both(adapter_server, tiny_mod
     offsets, tokens = logprobs["text_offset"], logprobs["tokens"]
     assert [TEXT[offsets[index]:offsets[index + 1]] for index in range(1, len(prompt) - 1)] == tokens[1:len(prompt) - 1]
     assert offsets[0] == offsets[1] == 0 and offsets[len(prompt)] == len(TEXT)
-    streamed = httpx.post(f"{adapter_server.url}/v1/completions", json=body | {"stream": True}, timeout=60).text
+    streamed = httpx.post(f"{scoring_server.url}/v1/completions", json=body | {"stream": True}, timeout=60).text
     chunks = [json.loads(event.removeprefix("data: ")) for event in streamed.split("\n\n")
               if event and event != "data: [DONE]"]
     assert chunks[0]["choices"][0]["text"] == TEXT
@@ -91,14 +98,14 @@ def test_echo_with_logprobs_and_a_completion_lists_both(adapter_server, tiny_mod
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
-def test_vllm_prompt_logprobs(adapter_server, tiny_model_dir, prompt, expected, route) -> None:
+def test_vllm_prompt_logprobs(scoring_server, tiny_model_dir, prompt, expected, route) -> None:
     if route == "/v1/completions":
         body, scored = {"prompt": prompt}, prompt
     else:
         body = {"messages": [{"role": "user", "content": TEXT}]}
         scored = None  # the chat template's tokens: checked for shape and self-consistency only
     body |= {"model": NAMES[1], "prompt_logprobs": 2, "max_tokens": 1}
-    answer = httpx.post(f"{adapter_server.url}{route}", json=body, timeout=60).json()
+    answer = httpx.post(f"{scoring_server.url}{route}", json=body, timeout=60).json()
     scores = answer["choices"][0]["prompt_logprobs"] if scored else answer["prompt_logprobs"]
     assert scores[0] is None and all(2 <= len(entry) <= 3 for entry in scores[1:])
     for position, entry in enumerate(scores[1:], start=1):
@@ -109,8 +116,8 @@ def test_vllm_prompt_logprobs(adapter_server, tiny_model_dir, prompt, expected, 
                                                                              abs=1e-4)
 
 
-def test_lorax_decoder_input_details_carry_the_prompt_logprobs(adapter_server, prompt, expected) -> None:
-    lorax = Client(adapter_server.url, timeout=60, max_session_retries=0)
+def test_lorax_decoder_input_details_carry_the_prompt_logprobs(scoring_server, prompt, expected) -> None:
+    lorax = Client(scoring_server.url, timeout=60, max_session_retries=0)
     response = lorax.generate(TEXT, adapter_id=NAMES[1], adapter_source="local", max_new_tokens=2, details=True,
                               decoder_input_details=True)
     prefill = response.details.prefill
@@ -127,14 +134,18 @@ def float32_server(tmp_path_factory) -> Iterator[Server]:
 
 
 def test_the_embedded_models_prompt_logprobs_equal_transformers(float32_server) -> None:
-    """Over HTTP, through prefill chunks of 48 tokens: each token's logprob within 1e-4 of transformers' own
-    float32 forward of the same GGUF file, on the same token ids."""
+    """Over HTTP, through prefill chunks of 48 tokens and after the prompt went into the prefix cache: each token's
+    logprob within 1e-4 of transformers' own float32 forward of the same GGUF file, on the same token ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     prompt = tokenizer.encode(Path("README.md").read_text()[:600])
     assert len(prompt) > 100
+    for _ in range(2):  # the prompt's blocks into the prefix cache, then a hit
+        plain = httpx.post(f"{float32_server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 1},
+                           timeout=120).json()
+    assert plain["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     body = {"prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 0}
     scores = httpx.post(f"{float32_server.url}/v1/completions", json=body, timeout=120).json()
     scores = scores["choices"][0]["logprobs"]["token_logprobs"]
