@@ -52,7 +52,9 @@ class RequestSchema(StrictSchema):
             value = data.get(name)  # compared with its type: 0 is no `false`, and 1.0 no `1`
             if not any(value == allowed and type(value) is type(allowed) for allowed in neutral):
                 raise InvalidRequestError(f"{name} is not supported by this server", name)
-        return {key: value for key, value in data.items() if value is not None and key not in cls.unsupported}
+        known = {field.alias or name for name, field in cls.model_fields.items()}  # an unknown key is refused,
+        return {key: value for key, value in data.items()  # null or not
+                if not (value is None and key in known) and key not in cls.unsupported}
 
 
 def stop_list(stop: str | list[str]) -> list[str]:

@@ -1,13 +1,14 @@
 """Request bodies of the LoRAX-compatible endpoints, as `lorax-client` sends them.
 
 The client sends every parameter, most as null. Features this server lacks (typical-p, best-of, watermarks,
-merged adapters, constrained output) are refused when asked for, not ignored.
+merged adapters) are refused when asked for, not ignored.
 """
 from typing import ClassVar
 
 from pydantic import Field, field_validator
 
 from loraserve.api.common_schema import MAX_INT32, MAX_LOGPROBS, RequestSchema, StopStrings
+from loraserve.api.structured_schema import LoraxResponseFormat
 from loraserve.engine.sampling_params import SamplingParams
 
 MAX_LORAX_SEED = 2**64 - 1  # LoRAX's seed is an unsigned 64-bit integer
@@ -17,8 +18,7 @@ class GenerateParameters(RequestSchema):
     """`parameters` of a LoRAX request; greedy unless `do_sample` or a sampling setting asks otherwise."""
 
     unsupported: ClassVar[dict[str, tuple]] = {
-        "typical_p": (None,), "best_of": (None, 1), "watermark": (None, False), "merged_adapters": (None,),
-        "response_format": (None,)}
+        "typical_p": (None,), "best_of": (None, 1), "watermark": (None, False), "merged_adapters": (None,)}
 
     adapter_id: str | None = None  # an uploaded adapter's name; empty or the base model's name means none
     adapter_source: str | None = Field(None, json_schema_extra={"enum": ["local", None]})  # adapters are never fetched
@@ -38,6 +38,7 @@ class GenerateParameters(RequestSchema):
     decoder_input_details: bool = False
     return_k_alternatives: int | None = Field(None, ge=1, le=MAX_LOGPROBS)
     speculative: bool = True  # false: no speculative decoding for this request
+    response_format: LoraxResponseFormat | None = None
 
     @field_validator("adapter_source")
     @classmethod
@@ -60,7 +61,8 @@ class GenerateParameters(RequestSchema):
             top_k=self.top_k or 0, top_p=self.top_p or 1.0, repetition_penalty=self.repetition_penalty,
             seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos_token,
             logprobs=self.return_k_alternatives or 0, speculative=self.speculative,
-            prompt_logprobs=0 if self.decoder_input_details else None)
+            prompt_logprobs=0 if self.decoder_input_details else None,
+            grammar=self.response_format.spec() if self.response_format is not None else None)
 
 
 class GenerateRequest(RequestSchema):

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 
 from loraserve.api.errors import InvalidRequestError
-from loraserve.api.generation import (Generation, engine_of, new_request_id, select_adapter, submit, tokenize,
-                                   tokenize_chat, unless_disconnected)
+from loraserve.api.generation import (Generation, engine_of, new_request_id, prepare_grammar, select_adapter, submit,
+                                   tokenize, tokenize_chat, unless_disconnected)
 from loraserve.api.openai_format import (OpenAIJob, chat_logprobs, completion_logprobs, joined_logprobs,
                                          openai_chunks, vllm_prompt_logprobs)
 from loraserve.api.openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -33,6 +33,7 @@ async def submitted_completion(body: CompletionRequest,
     params = [body.sampling_params(body.max_tokens, body.logprobs, i, body.prompt_scores)
               for _ in prompts for i in range(body.n)]
     request_id = new_request_id("cmpl")
+    await prepare_grammar(engine, body.grammar_spec())
     adapter = await select_adapter(engine, body.model, "model")
     with submit(engine, [ids for ids in token_ids for _ in range(body.n)], params, request_id,
                 adapter) as submission:
@@ -49,6 +50,7 @@ async def submitted_chat(body: ChatCompletionRequest,
     max_tokens = body.token_limit or max(1, engine.max_model_len - len(prompt))
     params = [body.sampling_params(max_tokens, body.logprobs_count, i, body.prompt_logprobs) for i in range(body.n)]
     request_id = new_request_id("chatcmpl")
+    await prepare_grammar(engine, body.grammar_spec())
     adapter = await select_adapter(engine, body.model, "model")
     with submit(engine, [prompt] * body.n, params, request_id, adapter) as submission:
         yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,

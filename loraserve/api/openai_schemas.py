@@ -2,7 +2,7 @@
 
 Responses are plain dicts built in `openai_format.py`.
 """
-from typing import ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from typing import Annotated
 
@@ -10,6 +10,9 @@ from pydantic import Field, field_validator, model_validator
 
 from loraserve.api.common_schema import (MAX_CHOICES, MAX_INT32, MAX_INT64, MAX_LOGPROBS, MAX_STOP_SEQUENCES, MIN_INT64,
                                       RequestSchema, StopString, StopStrings, StrictSchema, TokenId, stop_list)
+from loraserve.api.structured_schema import (MAX_GUIDED_CHOICES, ResponseFormat, StructuredOutputs, guided_specs,
+                                              only_one)
+from loraserve.engine.grammar import GrammarSpec
 from loraserve.engine.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -27,7 +30,7 @@ class SamplingRequest(RequestSchema):
 
     unsupported: ClassVar[dict[str, tuple]] = {
         "logit_bias": (None, {}), "suffix": (None, ""), "best_of": (None, 1), "tools": (None, []),
-        "functions": (None, []), "response_format": (None, {"type": "text"})}
+        "functions": (None, [])}
 
     model: str | None = None
     user: str | None = None  # OpenAI's end-user id, for the caller's own tracking: it changes no output
@@ -45,8 +48,26 @@ class SamplingRequest(RequestSchema):
     ignore_eos: bool = False
     speculative: bool = True  # false: no speculative decoding for this request
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's logprob
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's structured output fields
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=MAX_GUIDED_CHOICES)
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="after")
+    def one_structured_output(self) -> "SamplingRequest":
+        self.grammar_spec()
+        return self
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """What the output must match, if the request asks for structured output in any of its spellings."""
+        specs = guided_specs(self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar)
+        specs += self.structured_outputs.specs() if self.structured_outputs is not None else []
+        response = self.response_format.spec() if self.response_format is not None else None
+        return only_one(specs + ([response] if response is not None else []))
 
     @model_validator(mode="after")
     def prompt_logprobs_are_not_streamed(self) -> "SamplingRequest":
@@ -72,7 +93,7 @@ class SamplingRequest(RequestSchema):
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + index,
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs, speculative=self.speculative)
+            prompt_logprobs=prompt_logprobs, speculative=self.speculative, grammar=self.grammar_spec())
 
 
 class CompletionRequest(SamplingRequest):

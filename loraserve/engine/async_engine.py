@@ -20,6 +20,7 @@ from loraserve.adapters.registry import AdapterRef
 from loraserve.config import ServerConfig
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.errors import EngineDeadError, QueueFullError, RequestValidationError, ShuttingDownError
+from loraserve.engine.grammar import GrammarSpec
 from loraserve.engine.outputs import RequestOutput
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.metrics import Metrics
@@ -177,6 +178,11 @@ class AsyncEngine:
             self.adapters.unpin(reference)
             raise
         return reference
+
+    async def prepare_grammar(self, spec: GrammarSpec) -> None:
+        """Compile (and cache) a request's grammar in a worker thread, so the step thread only copies it; raises
+        GrammarError, a RequestValidationError, when it cannot be compiled."""
+        await asyncio.to_thread(self.engine.grammars.compile, spec)
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                adapter: AdapterRef | None = None, outputs: OutputQueue | None = None, index: int = 0

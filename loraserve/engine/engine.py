@@ -13,6 +13,7 @@ from loraserve.config import ServerConfig
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.errors import EngineDeadError, RequestFailedError, RequestValidationError
 from loraserve.engine.fault_isolation import GeneratorSnapshot, is_device_fatal, isolate
+from loraserve.engine.grammar import GrammarCompiler
 from loraserve.engine.model_runner import ModelRunner
 from loraserve.engine.outputs import RequestOutput, TokenLogprob
 from loraserve.engine.sampler import Sampled, sample
@@ -65,6 +66,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs,
                                    self.adapters, config.max_overtaking_steps)
         self.stop_checker = StopChecker(loaded.tokenizer, self.max_model_len)
+        self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
         self.sequences: dict[str, Sequence] = {}
         self.seed_source = random.Random(config.seed)
         self.num_speculative_tokens = config.spec_tokens
@@ -93,6 +95,9 @@ class LLMEngine:
                 f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds {self.max_model_len}")
         if any(not 0 <= token < self.model_config.vocab_size for token in params.stop_token_ids):
             raise RequestValidationError(f"stop_token_ids must lie in [0, {self.model_config.vocab_size})")
+        if params.grammar is not None and params.ignore_eos:
+            raise RequestValidationError("ignore_eos cannot be combined with structured output: the grammar says "
+                                         "where the output ends")
         if params.max_tokens < 0:
             raise RequestValidationError("max_tokens must be at least 0 (0: score the prompt only)")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
@@ -111,9 +116,13 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         if request_id in self.sequences:
             raise RequestValidationError(f"request id {request_id!r} is already in use")
+        if params.grammar is not None:  # drafts are not checked against grammars yet
+            params = dataclasses.replace(params, speculative=False)
         generator = torch.Generator(device=self.runner.device)
         generator.manual_seed(params.seed if params.seed is not None else self.seed_source.getrandbits(63))
         sequence = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, generator, adapter)
+        if params.grammar is not None:
+            sequence.grammar_matcher = self.grammars.matcher(params.grammar)
         if adapter is not None:
             self.adapters.count_request(adapter)
             self.metrics.count_adapter_request(adapter.name)
@@ -271,6 +280,8 @@ class LLMEngine:
         appended = 0
         for token in result.token_ids:
             sequence.token_ids.append(token)
+            if sequence.grammar_matcher is not None and not sequence.grammar_matcher.consume_token(token):
+                raise RuntimeError(f"the grammar refused token {token}: {sequence.grammar_matcher.get_error()}")
             appended += 1
             stop = self.stop_checker.check(sequence)
             if stop is not None:

@@ -14,6 +14,7 @@ from itertools import islice
 
 import torch
 
+from loraserve.engine.grammar import mask_logits
 from loraserve.engine.outputs import TokenLogprob
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.sequence import Sequence
@@ -169,7 +170,8 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[Sampled]:
     logits = logits.float()
     wants_logprobs = any(sequence.params.logprobs is not None for sequence in sequences)
     logprobs = logits.log_softmax(dim=-1) if wants_logprobs else logits
-    tokens, starts = choose_tokens(apply_penalties(logits, rows), rows, sequences)
+    constrained = mask_logits(apply_penalties(logits, rows), [row.sequence.grammar_matcher for row in rows])
+    tokens, starts = choose_tokens(constrained, rows, sequences)
     picks = [(start + offset, token, sequence.params.logprobs)
              for sequence, sequence_tokens, start in zip(sequences, tokens, starts)
              for offset, token in enumerate(sequence_tokens)]

@@ -1,6 +1,8 @@
 """How one request wants its tokens chosen and when it wants to stop."""
 from dataclasses import dataclass, field
 
+from loraserve.engine.grammar import GrammarSpec
+
 # Below this a temperature divides logits into infinities; as in vLLM, such a request is greedy.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -25,6 +27,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob (the first has none) plus the
     # k most likely at its position; with max_tokens 0 the request only scores its prompt
     speculative: bool = True  # let the server's speculative decoding (if configured) propose tokens for it
+    grammar: GrammarSpec | None = None  # structured output: what the generated text must match
 
     @property
     def greedy(self) -> bool:

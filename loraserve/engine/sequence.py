@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 
 import torch
+from llguidance import LLMatcher
 
 from loraserve.adapters.registry import AdapterRef
 from loraserve.engine.outputs import TokenLogprob
@@ -58,6 +59,7 @@ class Sequence:
     # When its params ask: each prompt token's logprob so far (the first token has none), scored as prefill
     # chunks compute the positions before them; kept across preemption, so a recomputed prompt is not scored twice.
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    grammar_matcher: LLMatcher | None = None  # with a grammar: its parser's state after the output so far
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None

@@ -102,7 +102,7 @@ def test_stream_takes_only_a_boolean(adapter_server, value):
 
 
 @pytest.mark.parametrize("body, field", [
-    ({"prompt": "hi", "guided_json": {"type": "object"}}, "guided_json"),
+    ({"prompt": "hi", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
     ({"prompt": "hi", "best_of": 2}, "best_of"),
     ({"prompt": "hi", "stop": ["x" * 2000]}, "stop"),
     ({"prompt": "hi", "stop_token_ids": [10**12]}, "stop_token_ids"),

@@ -1,0 +1,118 @@
+"""Constrained against unconstrained decoding on the embedded model, in process: output tokens/s at batch 1 and 16,
+and the time to first token of a request with a grammar never seen (compiled first) and with a cached one.
+
+Constrained requests answer a JSON schema of twelve short strings (about 60-90 tokens); unconstrained ones the same
+prompts with as many tokens, EOS ignored. Both greedy, no speculation. The machine's limit is the unconstrained row:
+a grammar adds its token mask (llguidance, per row and step) and the matcher's advance per token.
+
+Usage: python -m benchmarks.structured [--device auto] [--out DIR]
+Prints a table, writes structured.json and structured.png under --out.
+"""
+import argparse
+import json
+import sys
+import time
+
+from benchmarks.embedded import add_device_and_out, load_embedded
+from loraserve.config import ServerConfig
+from loraserve.engine.engine import LLMEngine
+from loraserve.engine.grammar import GrammarSpec
+from loraserve.engine.sampling_params import SamplingParams
+
+SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 12, "maxItems": 12}
+QUESTIONS = ["List twelve fruits.", "Name twelve cities.", "Give twelve colours.", "Write twelve short words."]
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[int, float, float]:
+    """All requests at once until done: (output tokens, seconds, seconds to the first token of the first)."""
+    started, first_token = time.perf_counter(), None
+    for index, (prompt, request_params) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{index}", prompt, request_params)
+    tokens = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            tokens += len(output.token_ids)
+            if first_token is None and output.token_ids:
+                first_token = time.perf_counter() - started
+    return tokens, time.perf_counter() - started, first_token
+
+
+def throughput(engine: LLMEngine, prompts: list[list[int]], batch: int) -> dict[str, float]:
+    spec = GrammarSpec("json_schema", json.dumps(SCHEMA))
+    engine.grammars.compile(spec)
+    chosen = [prompts[index % len(prompts)] for index in range(batch)]
+    constrained_tokens, constrained_seconds, _ = run(engine, chosen, [SamplingParams(
+        max_tokens=200, temperature=0.0, grammar=spec)] * batch)
+    length = max(1, constrained_tokens // batch)
+    plain_tokens, plain_seconds, _ = run(engine, chosen, [SamplingParams(
+        max_tokens=length, temperature=0.0, ignore_eos=True)] * batch)
+    plain, constrained = plain_tokens / plain_seconds, constrained_tokens / constrained_seconds
+    return {"unconstrained_tokens_per_second": plain, "constrained_tokens_per_second": constrained,
+            "ratio": constrained / plain, "tokens_per_request": length}
+
+
+def first_token(engine: LLMEngine, prompt: list[int], seed: int) -> dict[str, float]:
+    """A schema never seen (compiled, as the API does before submitting) and then the same schema again."""
+    schema = dict(SCHEMA, description=f"fresh {seed}")  # a new spec: nothing cached
+    spec = GrammarSpec("json_schema", json.dumps(schema))
+    results = {}
+    for name in ("cold", "cached"):
+        started = time.perf_counter()
+        engine.grammars.compile(spec)
+        compiled = time.perf_counter() - started
+        _, _, seconds = run(engine, [prompt], [SamplingParams(max_tokens=1, temperature=0.0, grammar=spec)])
+        results[f"{name}_ttft_seconds"] = compiled + seconds
+        results[f"{name}_compile_seconds"] = compiled
+    _, _, results["unconstrained_ttft_seconds"] = run(engine, [prompt], [SamplingParams(max_tokens=1)])
+    return results
+
+
+def plot(results: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(results["throughput"])
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    for offset, (key, label) in enumerate((("unconstrained_tokens_per_second", "unconstrained"),
+                                           ("constrained_tokens_per_second", "JSON schema"))):
+        values = [results["throughput"][batch][key] for batch in batches]
+        axis.bar([index + offset * width for index in range(len(batches))], values, width, label=label)
+    axis.set_xticks([index + width / 2 for index in range(len(batches))], [f"batch {batch}" for batch in batches])
+    axis.set_ylabel("output tokens/s")
+    axis.set_title(f"constrained decoding, embedded model, {results['device']}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_device_and_out(parser)
+    args = parser.parse_args()
+    loaded = load_embedded(args)
+    tokenizer = loaded.tokenizer
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]),
+                                add_special_tokens=False) for question in QUESTIONS]
+    engine = LLMEngine(loaded, ServerConfig(prefix_caching=False))
+    run(engine, prompts[:1], [SamplingParams(max_tokens=8)])  # warm up
+    results = {"device": str(next(loaded.model.parameters()).device), "throughput": {}}
+    for batch in (1, 16):
+        print(f"batch {batch}...", file=sys.stderr)
+        results["throughput"][batch] = throughput(engine, prompts, batch)
+    results["first_token"] = first_token(engine, prompts[0], seed=int(time.time()))
+    print(f"\n{'batch':>5}{'unconstrained tok/s':>21}{'JSON schema tok/s':>19}{'ratio':>7}{'tokens':>8}")
+    for batch, entry in results["throughput"].items():
+        print(f"{batch:>5}{entry['unconstrained_tokens_per_second']:>21.1f}"
+              f"{entry['constrained_tokens_per_second']:>19.1f}{entry['ratio']:>7.2f}{entry['tokens_per_request']:>8}")
+    timing = results["first_token"]
+    print(f"time to first token: unconstrained {timing['unconstrained_ttft_seconds'] * 1000:.1f} ms, new schema "
+          f"{timing['cold_ttft_seconds'] * 1000:.1f} ms (compile {timing['cold_compile_seconds'] * 1000:.1f}), "
+          f"cached {timing['cached_ttft_seconds'] * 1000:.1f} ms")
+    (args.out / "structured.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.out / "structured.png")
+
+
+if __name__ == "__main__":
+    main()
