@@ -116,8 +116,6 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         if request_id in self.sequences:
             raise RequestValidationError(f"request id {request_id!r} is already in use")
-        if params.grammar is not None:  # drafts are not checked against grammars yet
-            params = dataclasses.replace(params, speculative=False)
         generator = torch.Generator(device=self.runner.device)
         generator.manual_seed(params.seed if params.seed is not None else self.seed_source.getrandbits(63))
         sequence = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, generator, adapter)

@@ -97,14 +97,38 @@ class GrammarCompiler:
             return self._cache[spec].deep_copy()
 
 
-def mask_logits(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> torch.Tensor:
-    """`logits` with every token a row's grammar forbids at -inf (a copy; rows without a matcher unchanged)."""
-    rows = [index for index, matcher in enumerate(matchers) if matcher is not None]
-    if not rows:
+def mask_logits(logits: torch.Tensor, sequences: list[tuple[llguidance.LLMatcher | None, list[int]]]
+                ) -> torch.Tensor:
+    """`logits` with every token a row's grammar forbids at -inf (a copy; rows without a matcher unchanged).
+
+    `sequences` holds each sequence's matcher (or None) and draft tokens; a sequence has a row per draft and one
+    after them. Row k is masked as the grammar stands after the first k drafts: the matcher takes them in turn and
+    gives them back afterwards. Past a draft the grammar forbids, rows stay unmasked: verification rejects that
+    draft (its row gives it no probability), so nothing is drawn from the rows after it."""
+    if all(matcher is None for matcher, _ in sequences):
         return logits
-    bitmask = llguidance_torch.allocate_token_bitmask(len(matchers), logits.shape[1])  # all allowed
-    for index in rows:
-        llguidance_torch.fill_next_token_bitmask(matchers[index], bitmask, index)
+    bitmask = llguidance_torch.allocate_token_bitmask(logits.shape[0], logits.shape[1])  # all allowed
+    row = 0
+    for matcher, drafts in sequences:
+        if matcher is not None:
+            _fill_rows(matcher, drafts, bitmask, row)
+        row += len(drafts) + 1
     masked = logits.clone()
     llguidance_torch.apply_token_bitmask_inplace(masked, bitmask.to(logits.device))
     return masked
+
+
+def _fill_rows(matcher: llguidance.LLMatcher, drafts: list[int], bitmask: torch.Tensor, first_row: int) -> None:
+    taken = 0
+    for offset in range(len(drafts) + 1):
+        llguidance_torch.fill_next_token_bitmask(matcher, bitmask, first_row + offset)
+        if offset == len(drafts) or not _allowed(bitmask[first_row + offset], drafts[offset]):
+            break
+        matcher.consume_token(drafts[offset])
+        taken += 1
+    if taken:
+        matcher.rollback(taken)
+
+
+def _allowed(row: torch.Tensor, token: int) -> bool:
+    return bool((int(row[token // 32]) >> (token % 32)) & 1)
