@@ -23,6 +23,7 @@ from loraserve.engine.sequence import Sequence, SequenceStatus
 from loraserve.engine.setup import (adapter_base_shape, adapter_directory, adapter_dtype, adapter_pages,
                                  kv_cache_blocks, make_proposer)
 from loraserve.engine.stop_checker import StopChecker
+from loraserve.engine.validation import validate_request
 from loraserve.intra_op_threads import share_cores_with_helper
 from loraserve.metrics import Metrics
 from loraserve.model.loader import LoadedModel
@@ -86,24 +87,7 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Refuse what can never run; raises RequestValidationError with a message for the client."""
-        if not prompt_token_ids:
-            raise RequestValidationError("the prompt is empty")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.model_config.vocab_size:
-            raise RequestValidationError(f"prompt token ids must lie in [0, {self.model_config.vocab_size})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise RequestValidationError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds {self.max_model_len}")
-        if any(not 0 <= token < self.model_config.vocab_size for token in params.stop_token_ids):
-            raise RequestValidationError(f"stop_token_ids must lie in [0, {self.model_config.vocab_size})")
-        if params.grammar is not None and params.ignore_eos:
-            raise RequestValidationError("ignore_eos cannot be combined with structured output: the grammar says "
-                                         "where the output ends")
-        if params.max_tokens < 0:
-            raise RequestValidationError("max_tokens must be at least 0 (0: score the prompt only)")
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise RequestValidationError(
-                f"the prompt ({len(prompt_token_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"this model's context of {self.max_model_len} tokens")
+        validate_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
 
     def notify(self) -> None:
         """Thread-safe: new work is on its way, so a step waiting for news returns now."""
