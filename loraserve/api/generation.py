@@ -13,7 +13,6 @@ from loraserve.adapters.errors import AdapterNotFoundError
 from loraserve.adapters.registry import AdapterRef
 from loraserve.api.errors import ClientDisconnectedError, GenerationAbortedError, ModelNotFoundError
 from loraserve.engine.async_engine import AsyncEngine, OutputQueue, RequestStream
-from loraserve.engine.grammar import GrammarSpec
 from loraserve.engine.outputs import RequestOutput, TokenLogprob
 from loraserve.engine.sampling_params import SamplingParams
 
@@ -35,12 +34,6 @@ async def select_adapter(engine: AsyncEngine, name: str | None, param: str) -> A
         return await engine.prepare_adapter(name)
     except AdapterNotFoundError as error:
         raise ModelNotFoundError(name, param) from error
-
-
-async def prepare_grammar(engine: AsyncEngine, spec: GrammarSpec | None) -> None:
-    """Compile a request's grammar, if it has one, before anything is submitted (a bad one is a 400)."""
-    if spec is not None:
-        await engine.prepare_grammar(spec)
 
 
 async def tokenize(engine: AsyncEngine, text: str, add_special_tokens: bool = True, bounded: bool = True

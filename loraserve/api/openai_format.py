@@ -42,7 +42,7 @@ class OpenAIJob:
     def echo_text(self, choice_index: int) -> str:
         return self.echo_texts[choice_index // self.num_choices_per_prompt] if self.echo_texts else ""
 
-    def echoed_logprobs(self, choice_index: int, scores: list[TokenLogprob | None] | None, tokenizer: Tokenizer
+    def echoed_prompt_logprobs(self, choice_index: int, scores: list[TokenLogprob | None] | None, tokenizer: Tokenizer
                         ) -> dict | None:
         """The prompt's part of an echoed answer's logprobs (None unless echo with logprobs was asked)."""
         if not self.echoed_token_ids:
@@ -65,6 +65,11 @@ def completion_logprobs(token_ids: list[int], entries: list[TokenLogprob | None]
                          for entry in entries],
         "text_offset": list(accumulate(lengths, initial=text_offset))[:-1],
     }
+
+
+def generated_logprobs(entries: list[TokenLogprob], count: int, tokenizer: Tokenizer, text_offset: int) -> dict:
+    """The completion's own tokens in the legacy shape, from `text_offset` on."""
+    return completion_logprobs([entry.token_id for entry in entries], entries, count, tokenizer, text_offset)
 
 
 def joined_logprobs(first: dict | None, second: dict) -> dict:

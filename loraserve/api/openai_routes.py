@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 
 from loraserve.api.errors import InvalidRequestError
-from loraserve.api.generation import (Generation, engine_of, new_request_id, prepare_grammar, select_adapter, submit,
-                                   tokenize, tokenize_chat, unless_disconnected)
-from loraserve.api.openai_format import (OpenAIJob, chat_logprobs, completion_logprobs, joined_logprobs,
+from loraserve.api.generation import (Generation, engine_of, new_request_id, select_adapter, submit, tokenize,
+                                   tokenize_chat, unless_disconnected)
+from loraserve.api.openai_format import (OpenAIJob, chat_logprobs, generated_logprobs, joined_logprobs,
                                          openai_chunks, vllm_prompt_logprobs)
 from loraserve.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from loraserve.api.openapi import OPENAI_GENERATION_ERRORS
@@ -33,7 +33,7 @@ async def submitted_completion(body: CompletionRequest,
     params = [body.sampling_params(body.max_tokens, body.logprobs, i, body.prompt_scores)
               for _ in prompts for i in range(body.n)]
     request_id = new_request_id("cmpl")
-    await prepare_grammar(engine, body.grammar_spec())
+    await engine.prepare_grammar(body.grammar_spec)
     adapter = await select_adapter(engine, body.model, "model")
     with submit(engine, [ids for ids in token_ids for _ in range(body.n)], params, request_id,
                 adapter) as submission:
@@ -50,7 +50,7 @@ async def submitted_chat(body: ChatCompletionRequest,
     max_tokens = body.token_limit or max(1, engine.max_model_len - len(prompt))
     params = [body.sampling_params(max_tokens, body.logprobs_count, i, body.prompt_logprobs) for i in range(body.n)]
     request_id = new_request_id("chatcmpl")
-    await prepare_grammar(engine, body.grammar_spec())
+    await engine.prepare_grammar(body.grammar_spec)
     adapter = await select_adapter(engine, body.model, "model")
     with submit(engine, [prompt] * body.n, params, request_id, adapter) as submission:
         yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,
@@ -61,9 +61,9 @@ def completion_choice(job: OpenAIJob, index: int, generation: Generation, tokeni
     echo = job.echo_text(index)
     logprobs = None
     if job.logprobs is not None:
-        generated = completion_logprobs([entry.token_id for entry in generation.logprobs], generation.logprobs,
-                                        job.logprobs, tokenizer, len(echo))
-        logprobs = joined_logprobs(job.echoed_logprobs(index, generation.prompt_logprobs, tokenizer), generated)
+        generated = generated_logprobs(generation.logprobs, job.logprobs, tokenizer, len(echo))
+        logprobs = joined_logprobs(job.echoed_prompt_logprobs(index, generation.prompt_logprobs, tokenizer),
+                                   generated)
     choice = {"index": index, "text": echo + generation.text, "logprobs": logprobs,
               "finish_reason": generation.finish_reason}
     if job.prompt_logprobs is not None:
@@ -114,10 +114,9 @@ async def stream_completion(request: Request,
         if job.echo_texts and index not in echoed:
             echoed.add(index)
             choices.append({"index": index, "text": job.echo_text(index), "finish_reason": None,
-                            "logprobs": job.echoed_logprobs(index, output.prompt_logprobs, tokenizer)})
-        logprobs = None if job.logprobs is None else completion_logprobs(
-            [entry.token_id for entry in output.logprobs], output.logprobs, job.logprobs, tokenizer,
-            text_lengths[index])
+                            "logprobs": job.echoed_prompt_logprobs(index, output.prompt_logprobs, tokenizer)})
+        logprobs = None if job.logprobs is None else generated_logprobs(output.logprobs, job.logprobs, tokenizer,
+                                                                        text_lengths[index])
         text_lengths[index] += len(output.text)
         return choices + [{"index": index, "text": output.text, "logprobs": logprobs,
                            "finish_reason": output.finish_reason}]

@@ -2,6 +2,7 @@
 
 Responses are plain dicts built in `openai_format.py`.
 """
+from functools import cached_property
 from typing import Any, ClassVar, Literal, TypeVar
 
 from typing import Annotated
@@ -59,9 +60,10 @@ class SamplingRequest(RequestSchema):
 
     @model_validator(mode="after")
     def one_structured_output(self) -> "SamplingRequest":
-        self.grammar_spec()
+        self.grammar_spec  # noqa: B018 - computed (and checked) once, here
         return self
 
+    @cached_property
     def grammar_spec(self) -> GrammarSpec | None:
         """What the output must match, if the request asks for structured output in any of its spellings."""
         specs = guided_specs(self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar)
@@ -93,7 +95,7 @@ class SamplingRequest(RequestSchema):
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=None if self.seed is None else self.seed + index,
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs, speculative=self.speculative, grammar=self.grammar_spec())
+            prompt_logprobs=prompt_logprobs, speculative=self.speculative, grammar=self.grammar_spec)
 
 
 class CompletionRequest(SamplingRequest):

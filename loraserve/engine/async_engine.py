@@ -179,10 +179,11 @@ class AsyncEngine:
             raise
         return reference
 
-    async def prepare_grammar(self, spec: GrammarSpec) -> None:
-        """Compile (and cache) a request's grammar in a worker thread, so the step thread only copies it; raises
-        GrammarError, a RequestValidationError, when it cannot be compiled."""
-        await asyncio.to_thread(self.engine.grammars.compile, spec)
+    async def prepare_grammar(self, spec: GrammarSpec | None) -> None:
+        """Compile (and cache) a request's grammar, if it has one, in a worker thread before it is submitted, so
+        the step thread only copies it; raises GrammarError, a RequestValidationError, when it cannot compile."""
+        if spec is not None:
+            await asyncio.to_thread(self.engine.grammars.compile, spec)
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                adapter: AdapterRef | None = None, outputs: OutputQueue | None = None, index: int = 0

@@ -9,7 +9,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), most likely first
-    rank: int = 1  # 1 + how many tokens the model found more likely
+    rank: int = 1  # prompt scores: 1 + how many tokens the model found more likely
 
 
 @dataclass

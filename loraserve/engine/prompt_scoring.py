@@ -37,6 +37,7 @@ def score_prompts(model: LlamaModel, hidden: torch.Tensor, sequences: list[Seque
         rows = torch.tensor([row for row, _, _ in part], dtype=torch.int64, device=hidden.device)
         logprobs = model.compute_logits(hidden.index_select(0, rows)).log_softmax(dim=-1)
         local = [(offset, token, count) for offset, (_, token, count) in enumerate(part)]
-        for owner, score in zip(owners[begin:begin + ROWS_PER_SLICE], gather_logprobs(logprobs, local)):
+        for owner, score in zip(owners[begin:begin + ROWS_PER_SLICE], gather_logprobs(logprobs, local,
+                                                                                             with_ranks=True)):
             scores.setdefault(owner, []).append(score)
     return scores

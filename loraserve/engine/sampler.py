@@ -84,7 +84,7 @@ def truncate_distribution(logits: torch.Tensor, params: list[SamplingParams]) ->
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         sorted_probs = sorted_logits.softmax(dim=-1)  # top-p judges what top-k kept, renormalised (as HF does)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop |= mass_before >= torch.tensor(top_p, device=device)[:, None]  # keeps at least the top token
+        drop |= mass_before >= torch.tensor(top_p, device=device)[:, None]
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     min_p = torch.tensor([p.min_p for p in params], device=device)
     if bool((min_p > 0).any()):
@@ -107,19 +107,22 @@ def draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (weights / noise).argmax()
 
 
-def gather_logprobs(logprobs: torch.Tensor, picks: list[tuple[int, int, int | None]]) -> list[TokenLogprob | None]:
-    """For each (row, token, alternatives wanted or None): the token's log-probability under the model, its rank
-    and the most likely alternatives, where asked. One read from the device for all of them, not one per token."""
+def gather_logprobs(logprobs: torch.Tensor, picks: list[tuple[int, int, int | None]], with_ranks: bool = False
+                    ) -> list[TokenLogprob | None]:
+    """For each (row, token, alternatives wanted or None): the token's log-probability under the model and the
+    most likely alternatives, where asked, and its rank with `with_ranks` (only prompt scores report it). One read
+    from the device for all of them, not one per token."""
     wanted = [index for index, (_, _, count) in enumerate(picks) if count is not None]
     results: list[TokenLogprob | None] = [None] * len(picks)
     if not wanted:
         return results
     rows = torch.tensor([picks[index][0] for index in wanted], device=logprobs.device)
     tokens = torch.tensor([picks[index][1] for index in wanted], device=logprobs.device)
-    chosen = logprobs[rows, tokens]
-    ranks = ((logprobs[rows] > chosen[:, None]).sum(dim=-1) + 1).tolist()
+    selected = logprobs[rows]
+    chosen = selected[torch.arange(len(wanted), device=logprobs.device), tokens]
+    ranks = ((selected > chosen[:, None]).sum(dim=-1) + 1).tolist() if with_ranks else [1] * len(wanted)
     most = max(picks[index][2] for index in wanted)
-    top_values, top_ids = logprobs[rows].topk(most, dim=-1) if most else (torch.empty(len(wanted), 0),) * 2
+    top_values, top_ids = selected.topk(most, dim=-1) if most else (torch.empty(len(wanted), 0),) * 2
     for index, value, rank, values, ids in zip(wanted, chosen.tolist(), ranks, top_values.tolist(),
                                                top_ids.tolist()):
         _, token, count = picks[index]
