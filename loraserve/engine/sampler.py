@@ -85,6 +85,7 @@ def truncate_distribution(logits: torch.Tensor, params: list[SamplingParams]) ->
         sorted_probs = sorted_logits.softmax(dim=-1)  # top-p judges what top-k kept, renormalised (as HF does)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop |= mass_before >= torch.tensor(top_p, device=device)[:, None]
+        drop[:, 0] = False  # the top token always stays, even for a top_p that float32 rounds to 0
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     min_p = torch.tensor([p.min_p for p in params], device=device)
     if bool((min_p > 0).any()):

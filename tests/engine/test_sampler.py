@@ -72,6 +72,14 @@ def test_top_k_top_p_and_min_p_never_draw_outside_their_set():
         assert drawn == allowed, params
 
 
+def test_a_top_p_that_rounds_to_zero_keeps_the_top_token():
+    """5e-324 passes validation (> 0) but is 0 in float32: the top token still stays (not token 0, as an
+    all-masked row's NaN would give)."""
+    logits = torch.tensor([[0.0, 4.0, 3.0, 1.0]])
+    sequence = make_sequence(SamplingParams(top_p=5e-324))
+    assert {sampled_tokens(logits.clone(), [sequence])[0] for _ in range(50)} == {1}
+
+
 def test_penalties_push_away_from_seen_tokens():
     logits = torch.zeros(1, VOCAB)
     logits[0, 3] = 1.0
