@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from loraserve.adapters.errors import AdapterFormatError, AdapterNotFoundError
 from loraserve.adapters.peft_config import CONFIG_FILE, TARGETS, Module, read_lora_settings
+from loraserve.kernels import cpu_adapter_copy
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_WEIGHTS_FILE = "adapter_model.bin"
@@ -160,9 +161,8 @@ def _check_tensor(name: str, dtype: str, shape: list[int], module: Module, matri
 
 
 def _read_weights(path: Path, tensor_names: TensorNames) -> dict[Module, tuple[torch.Tensor, torch.Tensor]]:
-    """The tensors as stored (their dtype kept: the slot pool converts whole projections at once), after one
-    check for NaN and infinities over all of them. A handful of operations for hundreds of tensors: each is a GIL
-    hand-off that a busy step thread can delay by milliseconds."""
+    """The tensors as stored (their dtype kept: the slot pool converts them as it copies), after one check for NaN
+    and infinities over all of them."""
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             weights = {module: (handle.get_tensor(name_a), handle.get_tensor(name_b))
@@ -171,8 +171,17 @@ def _read_weights(path: Path, tensor_names: TensorNames) -> dict[Module, tuple[t
         raise AdapterFormatError(f"{path.name} is not a readable safetensors file: {error}") from error
     names = [name for pair in tensor_names.values() for name in pair]
     tensors = [tensor for pair in weights.values() for tensor in pair]
+    if (bad := first_non_finite(tensors)) is not None:
+        raise AdapterFormatError(f"tensor {names[bad]!r} holds NaN or infinite values")
+    return weights
+
+
+def first_non_finite(tensors: list[torch.Tensor]) -> int | None:
+    """The index of the first tensor holding NaN or an infinity. The C++ kernel reads exponent bits at memory
+    speed in one call; torch's one-call form, an infinity norm per tensor, runs at under 1 GB/s on float16."""
+    if (kernel := cpu_adapter_copy.KERNEL.get()) is not None:
+        index = kernel.first_non_finite(tensors)
+        return None if index < 0 else index
     largest = torch.stack(torch._foreach_norm(tensors, float("inf")))  # promoted to a common dtype; NaN stays NaN
     finite = torch.isfinite(largest).tolist()
-    if not all(finite):
-        raise AdapterFormatError(f"tensor {names[finite.index(False)]!r} holds NaN or infinite values")
-    return weights
+    return None if all(finite) else finite.index(False)

@@ -79,7 +79,7 @@ async def submitted_generate(body: GenerateRequest,
     max_new_tokens = parameters.max_new_tokens or max(1, engine.max_model_len - len(prompt))
     request_params = [parameters.sampling_params(max_new_tokens)]
     await engine.prepare_grammar(request_params[0].grammar)
-    adapter = await select_adapter(engine, parameters.adapter_id, "adapter_id")
+    adapter = select_adapter(engine, parameters.adapter_id, "adapter_id")
     with submit(engine, [prompt], request_params, new_request_id("generate"), adapter) as submission:
         yield LoraxJob(submission, parameters, body.inputs, prompt, engine.tokenizer)
 

@@ -34,7 +34,7 @@ async def submitted_completion(body: CompletionRequest,
               for _ in prompts for i in range(body.n)]
     request_id = new_request_id("cmpl")
     await engine.prepare_grammar(body.grammar_spec)
-    adapter = await select_adapter(engine, body.model, "model")
+    adapter = select_adapter(engine, body.model, "model")
     with submit(engine, [ids for ids in token_ids for _ in range(body.n)], params, request_id,
                 adapter) as submission:
         # Decoded once submitted: the engine has checked that the token ids are few and in the vocabulary.
@@ -51,7 +51,7 @@ async def submitted_chat(body: ChatCompletionRequest,
     params = [body.sampling_params(max_tokens, body.logprobs_count, i, body.prompt_logprobs) for i in range(body.n)]
     request_id = new_request_id("chatcmpl")
     await engine.prepare_grammar(body.grammar_spec)
-    adapter = await select_adapter(engine, body.model, "model")
+    adapter = select_adapter(engine, body.model, "model")
     with submit(engine, [prompt] * body.n, params, request_id, adapter) as submission:
         yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,
                         body.logprobs_count, prompt_logprobs=body.prompt_logprobs)

@@ -167,18 +167,6 @@ class AsyncEngine:
         self._step_thread.shutdown(wait=True)
         self._fail_all(EngineDeadError("the server is shutting down"))
 
-    async def prepare_adapter(self, name: str) -> AdapterRef:
-        """The latest version of adapter `name`, pinned and loaded into memory; other requests run on while it
-        loads. The caller unpins it (`loraserve.adapters.unpin`) once its requests are submitted, since each submitted
-        request holds a pin of its own. Raises AdapterNotFoundError for an unknown name."""
-        reference = self.adapters.resolve(name)
-        try:
-            await asyncio.to_thread(self.adapters.ensure_loaded, reference)
-        except BaseException:
-            self.adapters.unpin(reference)
-            raise
-        return reference
-
     async def prepare_grammar(self, spec: GrammarSpec | None) -> None:
         """Compile (and cache) a request's grammar, if it has one, in a worker thread before it is submitted, so
         the step thread only copies it; raises GrammarError, a RequestValidationError, when it cannot compile."""

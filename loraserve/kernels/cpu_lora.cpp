@@ -2,8 +2,8 @@
 // machine whose per-operation cost, not its arithmetic, is what many small matrix products pay.
 //
 // Tokens come sorted by adapter slot (groups). Each adapter's weights sit in pages (one rank component each) that
-// the kernel reads through the slot's row of the page table, where they lie (pages a stride apart: the pool is
-// page-major over layers): no gather, no padding to the largest rank. The shrink reads each A row once per group
+// the kernel reads through the slot's row of the page table, where they lie (an adapter's pages are mostly
+// consecutive, one span of a layer's pool): no gather, no padding to the largest rank. The shrink reads each A row once per group
 // and dots it with the group's tokens (kept in cache); the expand reads each B row once per group and adds it,
 // scaled by each token's shrunk value, into a block of the token's output columns. Both loops are parallel over
 // the torch intra-op pool; each token is in one group and output blocks are disjoint, so nothing races.

@@ -11,6 +11,7 @@ import torch
 from loraserve.adapters.errors import AdapterFormatError, AdapterNotFoundError, AdapterTooLargeError
 from loraserve.adapters.format import inspect_adapter, load_adapter
 from loraserve.adapters.slot_pool import SlotPool
+from loraserve.kernels import cpu_adapter_copy
 from tests.adapters.helpers import (BASE, CONFIG, WEIGHTS, edit_config, make_peft_model, read_tensors, tensor_name,
                                     write_tensors)
 
@@ -111,6 +112,20 @@ def test_broken_adapter_is_refused_with_a_telling_message(make_adapter: Callable
     mutate, message = BROKEN_ADAPTERS[case]
     mutate(directory)
     with pytest.raises(AdapterFormatError, match=re.escape(message)):
+        load_adapter(directory, BASE, max_rank=8)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("check", ["C++", "torch"])
+def test_a_non_finite_weight_is_named_by_either_check(make_adapter: Callable[..., Path], bad: float, check: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C++ check, and the torch one used until it is built, name the first tensor holding the bad value."""
+    if check == "torch":
+        monkeypatch.setattr(cpu_adapter_copy.KERNEL, "module", None)
+    directory = make_adapter()
+    name = tensor_name(1, "v_proj", "B")
+    _retensor(lambda tensors: tensors[name].view(-1)[-1:].fill_(bad))(directory)
+    with pytest.raises(AdapterFormatError, match=re.escape(f"tensor '{name}' holds NaN or infinite values")):
         load_adapter(directory, BASE, max_rank=8)
 
 

@@ -1,5 +1,6 @@
 """Slots and pages written by the pool, run through the LoRA reference, against y = s * x A^T B^T computed from
 PEFT's own files."""
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 
 from loraserve.adapters.format import BaseModelShape, LoraAdapter, load_adapter
 from loraserve.adapters.slot_pool import SlotPool, page_bytes
+from loraserve.kernels import cpu_adapter_copy
 from loraserve.kernels.lora import LoraMapping, add_lora_reference
 from tests.adapters.helpers import BASE, read_tensors, tensor_name
 
@@ -152,3 +154,42 @@ def test_pages_split_into_runs_and_layers_with_gaps_hold_exactly_the_new_adapter
             assert not pool.layer_weights[layer]["down_proj"].lora_a[pages].any()
         assert qkv.ranks[1] == (6 if layer != 1 else 0) and gate_up.ranks[1] == (6 if layer == 2 else 0)
     assert pool.slot_pages[1, :6].tolist() == pages
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_cpu_copy_kernel_writes_the_bits_of_the_torch_path(pool_dtype: torch.dtype, weight_dtype: torch.dtype,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same adapters written by the C++ copy and by the torch operations it replaces (which run until it is
+    built): every element of both pools equal, over dirty pages in two runs, layers with gaps, fused projections
+    with some slices adapted, and a scale that rounds."""
+    base = BaseModelShape.for_llama(num_layers=4, hidden_size=64, intermediate_size=96, num_heads=4,
+                                    num_kv_heads=2, head_dim=16)
+    everything = [(layer, target) for layer in range(4) for target in base.module_shapes]
+    partial = [(0, "q_proj"), (0, "v_proj"), (2, "q_proj"), (3, "v_proj"), (2, "up_proj"), (1, "down_proj"),
+               (3, "o_proj")]
+    pools = []
+    for use_kernel in (True, False):
+        if not use_kernel:
+            monkeypatch.setattr(cpu_adapter_copy.KERNEL, "module", None)
+        pool = SlotPool(base, num_slots=3, num_pages=12, max_rank=MAX_RANK, device=torch.device("cpu"),
+                        dtype=pool_dtype)
+        for projection in pool._pools.values():
+            projection.lora_a.zero_(), projection.lora_b.zero_()
+        dirty = pool.take_pages(8)
+        pool.write(0, dirty, cast(random_adapter(base, 8, everything, seed=1), weight_dtype, alpha=37.0))
+        pool.clear(0)
+        pool.return_pages(dirty[:3] + dirty[5:])
+        pool.write(1, pool.take_pages(6), cast(random_adapter(base, 6, partial, seed=2), weight_dtype, alpha=7.0))
+        pool.write(2, pool.take_pages(2), cast(random_adapter(base, 2, everything, seed=3), weight_dtype, alpha=3.0))
+        pools.append(pool)
+    for name, projection in pools[0]._pools.items():
+        assert torch.equal(projection.lora_a, pools[1]._pools[name].lora_a), name
+        assert torch.equal(projection.lora_b, pools[1]._pools[name].lora_b), name
+        assert torch.equal(projection.ranks, pools[1]._pools[name].ranks), name
+        assert projection.lora_b[:, 1:].abs().amax() > 0.1  # pages were written
+
+
+def cast(adapter: LoraAdapter, dtype: torch.dtype, alpha: float) -> LoraAdapter:
+    weights = {module: (lora_a.to(dtype), lora_b.to(dtype)) for module, (lora_a, lora_b) in adapter.weights.items()}
+    return dataclasses.replace(adapter, alpha=alpha, weights=weights)
