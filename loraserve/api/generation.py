@@ -47,10 +47,11 @@ async def tokenize(engine: AsyncEngine, text: str, add_special_tokens: bool = Tr
                                    engine.max_model_len if bounded else None)
 
 
-async def tokenize_chat(engine: AsyncEngine, messages: list[dict]) -> list[int]:
-    """The conversation rendered through the chat template and tokenized, in a worker thread (see `tokenize`)."""
+async def tokenize_chat(engine: AsyncEngine, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The conversation (and the tools, if any) rendered through the chat template and tokenized, in a worker
+    thread (see `tokenize`)."""
     def render() -> list[int]:
-        text = engine.tokenizer.apply_chat_template(messages)
+        text = engine.tokenizer.apply_chat_template(messages, tools=tools)
         return engine.tokenizer.encode(text, add_special_tokens=False, max_tokens=engine.max_model_len)
     return await asyncio.to_thread(render)
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from loraserve.api.generation import Submission, finite
+from loraserve.api.tool_calls import CallReader, reader_for
+from loraserve.api.tool_schema import ToolMode
 from loraserve.engine.outputs import RequestOutput, TokenLogprob
 from loraserve.model.tokenizer import Tokenizer
 
@@ -23,7 +25,13 @@ class OpenAIJob:
     # Completions whose logprobs start with the prompt's (echo with logprobs): each prompt's token ids.
     echoed_token_ids: list[list[int]] = field(default_factory=list)
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: alternatives per prompt token
+    tool_mode: ToolMode = "none"  # chat: how the answer's text is read for tool calls
+    tool_function: str | None = None  # the function a named tool_choice forces
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def call_reader(self) -> CallReader:
+        """A fresh reader of one choice's text: content, and tool calls when the request has tools."""
+        return reader_for(self.tool_mode, self.tool_function)
 
     def envelope(self, object_name: str, choices: list[dict], usage: dict | None = None) -> dict:
         body = {"id": self.request_id, "object": object_name, "created": self.created, "model": self.model,

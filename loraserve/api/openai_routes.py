@@ -12,6 +12,7 @@ from loraserve.api.generation import (Generation, engine_of, new_request_id, sel
                                    tokenize_chat, unless_disconnected)
 from loraserve.api.openai_format import (OpenAIJob, chat_logprobs, generated_logprobs, joined_logprobs,
                                          openai_chunks, vllm_prompt_logprobs)
+from loraserve.api.tool_calls import CallReader, read_message
 from loraserve.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from loraserve.api.openapi import OPENAI_GENERATION_ERRORS
 from loraserve.api.streaming import add_stream_switch_route, sse_events
@@ -45,8 +46,14 @@ async def submitted_completion(body: CompletionRequest,
 
 async def submitted_chat(body: ChatCompletionRequest,
                          engine: AsyncEngine = Depends(engine_of)) -> AsyncIterator[OpenAIJob]:
-    """The conversation through the model's chat template, answered n times."""
-    prompt = await tokenize_chat(engine, [message.as_template_input() for message in body.messages])
+    """The conversation (and its tools) through the model's chat template, answered n times."""
+    if body.tool_mode == "auto" and engine.tokenizer.tool_call_format is None:
+        raise InvalidRequestError("tool_choice 'auto' (the default with tools) needs a chat template that shows the "
+                                  "model its tools and a call format this server reads (Hermes <tool_call> blocks); "
+                                  "this model's has none: use tool_choice 'required' or name a function",
+                                  "tool_choice")
+    prompt = await tokenize_chat(engine, [message.as_template_input() for message in body.messages],
+                                 body.template_tools())
     max_tokens = body.token_limit or max(1, engine.max_model_len - len(prompt))
     params = [body.sampling_params(max_tokens, body.logprobs_count, i, body.prompt_logprobs) for i in range(body.n)]
     request_id = new_request_id("chatcmpl")
@@ -54,7 +61,8 @@ async def submitted_chat(body: ChatCompletionRequest,
     adapter = select_adapter(engine, body.model, "model")
     with submit(engine, [prompt] * body.n, params, request_id, adapter) as submission:
         yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,
-                        body.logprobs_count, prompt_logprobs=body.prompt_logprobs)
+                        body.logprobs_count, prompt_logprobs=body.prompt_logprobs, tool_mode=body.tool_mode,
+                        tool_function=body.tool_function)
 
 
 def completion_choice(job: OpenAIJob, index: int, generation: Generation, tokenizer: Tokenizer) -> dict:
@@ -73,8 +81,15 @@ def completion_choice(job: OpenAIJob, index: int, generation: Generation, tokeni
 
 def chat_choice(job: OpenAIJob, index: int, generation: Generation, tokenizer: Tokenizer) -> dict:
     logprobs = None if job.logprobs is None else chat_logprobs(generation.logprobs, tokenizer)
-    return {"index": index, "message": {"role": "assistant", "content": generation.text}, "logprobs": logprobs,
-            "finish_reason": generation.finish_reason}
+    reader = job.call_reader()
+    message = read_message(reader, generation.text)
+    return {"index": index, "message": message, "logprobs": logprobs,
+            "finish_reason": chat_finish_reason(reader, generation.finish_reason)}
+
+
+def chat_finish_reason(reader: CallReader, finish_reason: str | None) -> str | None:
+    """OpenAI's "tool_calls" for an answer that ended on its own after calling tools."""
+    return "tool_calls" if reader.called and finish_reason == "stop" else finish_reason
 
 
 ChoiceBuilder = Callable[[OpenAIJob, int, Generation, Tokenizer], dict]
@@ -127,19 +142,23 @@ async def stream_completion(request: Request,
 
 async def stream_chat_completion(request: Request,
                                  job: OpenAIJob = Depends(submitted_chat)) -> AsyncIterator[bytes]:
-    """A role delta per choice, then content deltas, then a chunk with each choice's finish_reason."""
+    """A role delta per choice, then content and tool-call deltas, then a chunk with each choice's
+    finish_reason. A token's logprobs come with the first delta its text makes (or an empty content delta)."""
     tokenizer = engine_of(request).tokenizer
+    readers = [job.call_reader() for _ in job.submission.streams]
 
     def choice(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> dict:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def choices_of(index: int, output: RequestOutput) -> list[dict]:
-        choices = []
-        if output.text or (job.logprobs is not None and output.logprobs):
-            logprobs = None if job.logprobs is None else chat_logprobs(output.logprobs, tokenizer)
-            choices.append(choice(index, {"content": output.text}, logprobs))
+        reader = readers[index]
+        deltas = reader.feed(output.text) + (reader.finish() if output.finished else [])
+        if not deltas and job.logprobs is not None and output.logprobs:
+            deltas = [{"content": ""}]
+        logprobs = None if job.logprobs is None else chat_logprobs(output.logprobs, tokenizer)
+        choices = [choice(index, delta, logprobs if position == 0 else None) for position, delta in enumerate(deltas)]
         if output.finished:
-            choices.append(choice(index, {}, finish_reason=output.finish_reason))
+            choices.append(choice(index, {}, finish_reason=chat_finish_reason(reader, output.finish_reason)))
         return choices
 
     opening = [choice(index, {"role": "assistant", "content": ""}) for index in range(len(job.submission.streams))]

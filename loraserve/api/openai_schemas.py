@@ -13,6 +13,7 @@ from loraserve.api.common_schema import (MAX_CHOICES, MAX_INT32, MAX_INT64, MAX_
                                       RequestSchema, StopString, StopStrings, StrictSchema, TokenId, stop_list)
 from loraserve.api.structured_schema import (MAX_GUIDED_CHOICES, ResponseFormat, StructuredOutputs, guided_specs,
                                               only_one)
+from loraserve.api.tool_schema import MAX_TOOLS, MessageToolCall, ToolFields
 from loraserve.engine.grammar import GrammarSpec
 from loraserve.engine.sampling_params import SamplingParams
 
@@ -66,10 +67,14 @@ class SamplingRequest(RequestSchema):
     @cached_property
     def grammar_spec(self) -> GrammarSpec | None:
         """What the output must match, if the request asks for structured output in any of its spellings."""
+        return only_one(self.structured_specs())
+
+    def structured_specs(self) -> list[GrammarSpec]:
+        """Every constraint the request's fields ask for (a valid request asks for one at most)."""
         specs = guided_specs(self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar)
         specs += self.structured_outputs.specs() if self.structured_outputs is not None else []
         response = self.response_format.spec() if self.response_format is not None else None
-        return only_one(specs + ([response] if response is not None else []))
+        return specs + ([response] if response is not None else [])
 
     @model_validator(mode="after")
     def prompt_logprobs_are_not_streamed(self) -> "SamplingRequest":
@@ -139,15 +144,39 @@ class TextPart(StrictSchema):
 class ChatMessage(StrictSchema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=MAX_TOOLS)  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
-    def as_template_input(self) -> dict[str, str]:
-        """The role and the plain text the chat template expects; text parts are joined."""
+    @model_validator(mode="after")
+    def tool_fields_fit_the_role(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role} messages")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs the tool_call_id it answers, and only a tool message has one")
+        self.template_tool_calls  # noqa: B018 - the arguments are checked here, once
+        return self
+
+    @cached_property
+    def template_tool_calls(self) -> list[dict[str, Any]] | None:
+        return None if self.tool_calls is None else [call.as_template_input() for call in self.tool_calls]
+
+    def as_template_input(self) -> dict[str, Any]:
+        """The role, the plain text (text parts joined) and any tool fields, as chat templates take them."""
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": self.role, "content": content}
+        message: dict[str, Any] = {"role": self.role, "content": content}
+        if self.tool_calls is not None:
+            message["tool_calls"] = self.template_tool_calls
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
-class ChatCompletionRequest(SamplingRequest):
-    """POST /v1/chat/completions: without a token limit, the answer may fill the rest of the context."""
+class ChatCompletionRequest(SamplingRequest, ToolFields):
+    """POST /v1/chat/completions: without a token limit, the answer may fill the rest of the context. Tools are
+    served here (see tool_schema.py)."""
+
+    unsupported: ClassVar[dict[str, tuple]] = {
+        name: neutral for name, neutral in SamplingRequest.unsupported.items() if name != "tools"}
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
@@ -160,6 +189,16 @@ class ChatCompletionRequest(SamplingRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    def structured_specs(self) -> list[GrammarSpec]:
+        self.check_tools()
+        tool_spec = self.tool_grammar_spec()
+        return super().structured_specs() + ([tool_spec] if tool_spec is not None else [])
+
+    @property
+    def tool_function(self) -> str | None:
+        """The function a named tool_choice forces."""
+        return self.tool_choice.function.name if self.tool_mode == "named" else None
 
     @property
     def token_limit(self) -> int | None:

@@ -79,6 +79,6 @@ def guided_specs(schema: dict[str, Any] | str | None, regex: str | None, choice:
 
 def only_one(specs: list[GrammarSpec]) -> GrammarSpec | None:
     if len(specs) > 1:
-        raise ValueError("ask for one kind of structured output (response_format, guided_* or structured_outputs), "
-                         f"not {len(specs)}")
+        raise ValueError("ask for one kind of structured output (response_format, guided_*, structured_outputs or "
+                         f"a forced tool call), not {len(specs)}")
     return specs[0] if specs else None

@@ -5,6 +5,7 @@ from typing import Any
 
 import jinja2
 import tokenizers
+from jinja2 import meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -40,6 +41,7 @@ class Tokenizer:
         self.special_ids = {index for index, token in backend.get_added_tokens_decoder().items() if token.special}
         self.chat_template = chat_template
         self.compiled_template = compile_chat_template(chat_template) if chat_template is not None else None
+        self.tool_call_format = tool_call_format(chat_template) if chat_template is not None else None
 
     def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
         """Token ids of `text`. With `max_tokens`, a text far longer than that raises TextTooLongError having
@@ -67,14 +69,17 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render messages to the prompt text the model was trained on."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render messages (and the tools the model may call, for templates that show them) to the prompt text
+        the model was trained on."""
         if self.compiled_template is None:
             raise ChatTemplateError("this model has no chat template; send a plain completion prompt instead")
         try:
             return self.compiled_template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
+                tools=tools,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
@@ -103,6 +108,13 @@ def compile_chat_template(source: str) -> jinja2.Template:
         return environment.from_string(source)
     except jinja2.TemplateSyntaxError as error:
         raise ChatTemplateError(f"chat template does not compile: {error}") from error
+
+
+def tool_call_format(source: str) -> str | None:
+    """The format a template teaches the model to call tools in, when it shows the model its tools and the format
+    is one the server reads: "hermes" (`<tool_call>` JSON blocks, as Qwen and Hermes models write), else None."""
+    variables = meta.find_undeclared_variables(ImmutableSandboxedEnvironment(extensions=[loopcontrols]).parse(source))
+    return "hermes" if "tools" in variables and "<tool_call>" in source else None
 
 
 def raise_template_error(message: str) -> None:

@@ -84,3 +84,33 @@ def test_chat_template_file_wins_over_tokenizer_config(tmp_path):
     (directory / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
     tokenizer = read_tokenizer(directory, eos_token_ids=[2])
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "[hi]"
+
+
+# Qwen's way with tools, cut down: the tools as JSON in a system turn, calls as <tool_call> blocks, results as
+# tool turns.
+HERMES_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "Call tools as <tool_call>{\"name\": <name>, \"arguments\": <args>}</tool_call><|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "{% for call in message.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", "
+    "\"arguments\": {{ call.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tools_calls_and_results_render_as_transformers_renders_them(tmp_path):
+    directory = save_tiny_llama(tmp_path)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": HERMES_TEMPLATE}))
+    ours, reference = read_tokenizer(directory, eos_token_ids=[2]), AutoTokenizer.from_pretrained(directory)
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "The time",
+                                               "parameters": {"type": "object", "properties": {"zone": {
+                                                   "type": "string"}}}}}]
+    messages = [{"role": "user", "content": "time?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": {"zone": "CET"}}}]},
+                {"role": "tool", "content": "12:00", "tool_call_id": "c1"}]
+    expected = reference.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(messages, tools=tools) == expected and '"zone": "CET"' in expected
+    assert ours.tool_call_format == "hermes"
+    assert read_tokenizer(save_tiny_llama(tmp_path / "plain"), eos_token_ids=[2]).tool_call_format is None
