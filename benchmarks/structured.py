@@ -4,14 +4,16 @@ against a second request of the same grammar. llguidance builds its lexer's stat
 them, so a grammar's first request computes slower masks than later ones.
 
 Constrained requests answer a JSON schema of twelve short strings (about 60-90 tokens); unconstrained ones the same
-prompts with as many tokens, EOS ignored. Both greedy, no speculation. The machine's limit is the unconstrained row:
-a grammar adds its token mask (llguidance, per row and step) and the matcher's advance per token.
+prompts, each with as many tokens as its constrained twin (so both runs hold as many requests at every step), EOS
+ignored. Both greedy, no speculation. The machine's limit is the unconstrained row: a grammar adds its token mask
+(llguidance, per row and step) and the matcher's advance per token.
 
-Usage: python -m benchmarks.structured [--device auto] [--out DIR]
+Usage: python -m benchmarks.structured [--device auto] [--repeats 5] [--out DIR]
 Prints a table, writes structured.json and structured.png under --out.
 """
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -25,33 +27,42 @@ SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItem
 QUESTIONS = ["List twelve fruits.", "Name twelve cities.", "Give twelve colours.", "Write twelve short words."]
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[int, float, float]:
-    """All requests at once until done: (output tokens, seconds, seconds to the first token of the first)."""
+def run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]
+        ) -> tuple[list[int], float, float]:
+    """All requests at once until done: (each request's output tokens, seconds, seconds to the first token of the
+    first)."""
     started, first_token = time.perf_counter(), None
     for index, (prompt, request_params) in enumerate(zip(prompts, params)):
         engine.add_request(f"r{index}", prompt, request_params)
-    tokens = 0
+    tokens = [0] * len(prompts)
     while engine.has_unfinished_requests():
         for output in engine.step():
-            tokens += len(output.token_ids)
+            tokens[int(output.request_id[1:])] += len(output.token_ids)
             if first_token is None and output.token_ids:
                 first_token = time.perf_counter() - started
     return tokens, time.perf_counter() - started, first_token
 
 
-def throughput(engine: LLMEngine, prompts: list[list[int]], batch: int) -> dict[str, float]:
+def throughput(engine: LLMEngine, prompts: list[list[int]], batch: int, repeats: int) -> dict[str, float]:
+    """Constrained and unconstrained runs, alternating `repeats` times; the median of each (this VM's speed drifts
+    by 10-20% from run to run, more than the difference measured)."""
     spec = GrammarSpec("json_schema", json.dumps(SCHEMA))
     engine.grammars.compile(spec)
     run(engine, prompts[:1], [SamplingParams(max_tokens=200, temperature=0.0, grammar=spec)])  # warm
     chosen = [prompts[index % len(prompts)] for index in range(batch)]
-    constrained_tokens, constrained_seconds, _ = run(engine, chosen, [SamplingParams(
-        max_tokens=200, temperature=0.0, grammar=spec)] * batch)
-    length = max(1, constrained_tokens // batch)
-    plain_tokens, plain_seconds, _ = run(engine, chosen, [SamplingParams(
-        max_tokens=length, temperature=0.0, ignore_eos=True)] * batch)
-    plain, constrained = plain_tokens / plain_seconds, constrained_tokens / constrained_seconds
-    return {"unconstrained_tokens_per_second": plain, "constrained_tokens_per_second": constrained,
-            "ratio": constrained / plain, "tokens_per_request": length}
+    plain, constrained = [], []
+    for _ in range(repeats):
+        constrained_tokens, constrained_seconds, _ = run(engine, chosen, [SamplingParams(
+            max_tokens=200, temperature=0.0, grammar=spec)] * batch)
+        # Each unconstrained twin writes as many tokens as its constrained request, so both runs hold the same
+        # number of requests at every step: the difference is the grammar's cost, not how the lengths spread.
+        plain_tokens, plain_seconds, _ = run(engine, chosen, [SamplingParams(
+            max_tokens=max(1, count), temperature=0.0, ignore_eos=True) for count in constrained_tokens])
+        plain.append(sum(plain_tokens) / plain_seconds)
+        constrained.append(sum(constrained_tokens) / constrained_seconds)
+    plain_median, constrained_median = statistics.median(plain), statistics.median(constrained)
+    return {"unconstrained_tokens_per_second": plain_median, "constrained_tokens_per_second": constrained_median,
+            "ratio": constrained_median / plain_median, "tokens_per_request": sum(constrained_tokens) // batch}
 
 
 def first_token(engine: LLMEngine, prompt: list[int], seed: int) -> dict[str, float]:
@@ -65,7 +76,7 @@ def first_token(engine: LLMEngine, prompt: list[int], seed: int) -> dict[str, fl
         compiled = time.perf_counter() - started
         tokens, seconds, ttft = run(engine, [prompt], [SamplingParams(max_tokens=200, temperature=0.0, grammar=spec)])
         results |= {f"{name}_ttft_seconds": compiled + ttft, f"{name}_compile_seconds": compiled,
-                    f"{name}_tokens_per_second": tokens / (compiled + seconds)}
+                    f"{name}_tokens_per_second": tokens[0] / (compiled + seconds)}
     _, _, results["unconstrained_ttft_seconds"] = run(engine, [prompt], [SamplingParams(max_tokens=1)])
     return results
 
@@ -93,6 +104,7 @@ def plot(results: dict, path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_and_out(parser)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs per batch size; medians reported")
     args = parser.parse_args()
     loaded = load_embedded(args)
     tokenizer = loaded.tokenizer
@@ -103,7 +115,7 @@ def main() -> None:
     results = {"device": str(next(loaded.model.parameters()).device), "throughput": {}}
     for batch in (1, 16):
         print(f"batch {batch}...", file=sys.stderr)
-        results["throughput"][batch] = throughput(engine, prompts, batch)
+        results["throughput"][batch] = throughput(engine, prompts, batch, args.repeats)
     results["first_token"] = first_token(engine, prompts[0], seed=int(time.time()))
     print(f"\n{'batch':>5}{'unconstrained tok/s':>21}{'JSON schema tok/s':>19}{'ratio':>7}{'tokens':>8}")
     for batch, entry in results["throughput"].items():

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from loraserve.kernels import cpu_adapter_copy, cpu_attention, cpu_lora, cpu_quantized, fused
+from loraserve.kernels import cpu_adapter_copy, cpu_attention, cpu_lora, cpu_quantized, fused, token_mask
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -19,7 +19,8 @@ if not torch.cuda.is_available():
 def built_cpu_kernels() -> None:
     """The C++ kernels build in the background (steps use the torch paths until then); tests wait for them, and
     fail without them: CI has a compiler."""
-    kernels = (cpu_lora.KERNEL, cpu_attention.KERNEL, cpu_quantized.KERNEL, fused.KERNEL, cpu_adapter_copy.KERNEL)
+    kernels = (cpu_lora.KERNEL, cpu_attention.KERNEL, cpu_quantized.KERNEL, fused.KERNEL, cpu_adapter_copy.KERNEL,
+               token_mask.KERNEL)
     for kernel in kernels:
         kernel.start()
     for kernel in kernels:

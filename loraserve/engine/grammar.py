@@ -20,6 +20,7 @@ import llguidance.torch as llguidance_torch
 import torch
 
 from loraserve.engine.errors import RequestValidationError
+from loraserve.kernels.token_mask import apply_token_bitmask
 from loraserve.model.tokenizer import Tokenizer
 
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "lark"]
@@ -114,7 +115,7 @@ def mask_logits(logits: torch.Tensor, sequences: list[tuple[llguidance.LLMatcher
             _fill_rows(matcher, drafts, bitmask, row)
         row += len(drafts) + 1
     masked = logits.clone()
-    llguidance_torch.apply_token_bitmask_inplace(masked, bitmask.to(logits.device))
+    apply_token_bitmask(masked, bitmask)
     return masked
 
 
