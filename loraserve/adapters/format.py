@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from loraserve.adapters.errors import AdapterFormatError, AdapterNotFoundError
-from loraserve.adapters.peft_config import CONFIG_FILE, TARGETS, Module, read_lora_settings
+from loraserve.adapters.peft_config import CONFIG_FILE, TARGETS, LoraSettings, Module, read_lora_settings
 from loraserve.kernels import cpu_adapter_copy
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -51,7 +51,7 @@ class BaseModelShape:
 class AdapterInfo:
     """A validated adapter without its weights: what the registry lists for adapters still on disk."""
 
-    rank: int
+    rank: int  # the largest module's (the pages it takes)
     alpha: float
     use_rslora: bool
     targets: list[str]  # in TARGETS order
@@ -59,15 +59,20 @@ class AdapterInfo:
 
     @property
     def scale(self) -> float:
+        """The scale of a module no rank or alpha pattern names."""
         return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
 
 
 @dataclass(frozen=True)
 class LoraAdapter(AdapterInfo):
     """A validated adapter with its weights on the CPU, in their stored dtype; a (layer, target) not in weights is
-    untouched."""
+    untouched. A module's rank is its A's rows."""
 
     weights: dict[Module, tuple[torch.Tensor, torch.Tensor]]  # (A [rank, in], B [out, rank])
+    module_scales: dict[Module, float] = dataclasses.field(default_factory=dict)  # where patterns set them
+
+    def scale_of(self, module: Module) -> float:
+        return self.module_scales.get(module, self.scale)
 
     def info(self) -> AdapterInfo:
         """The description alone, to keep after the weights are dropped."""
@@ -80,9 +85,9 @@ def inspect_adapter(directory: Path, base: BaseModelShape, max_rank: int) -> Ada
 
 
 def load_adapter(directory: Path, base: BaseModelShape, max_rank: int) -> LoraAdapter:
-    info, tensor_names = _validate(directory, base, max_rank)
+    info, tensor_names, settings = _validate(directory, base, max_rank)
     weights = _read_weights(directory / WEIGHTS_FILE, tensor_names)
-    return LoraAdapter(**dataclasses.asdict(info), weights=weights)
+    return LoraAdapter(**dataclasses.asdict(info), weights=weights, module_scales=settings.module_scales)
 
 
 def adapter_files(directory: Path) -> list[Path]:
@@ -100,17 +105,22 @@ def adapter_files(directory: Path) -> list[Path]:
     return [config, weights]
 
 
-def _validate(directory: Path, base: BaseModelShape, max_rank: int) -> tuple[AdapterInfo, TensorNames]:
+def _validate(directory: Path, base: BaseModelShape, max_rank: int
+              ) -> tuple[AdapterInfo, TensorNames, LoraSettings]:
     config_path, weights_path = adapter_files(directory)
     settings = read_lora_settings(config_path, base.num_layers, max_rank)
-    tensor_names = _check_header(weights_path, settings.modules, base, settings.rank)
+    tensor_names = _check_header(weights_path, settings.module_ranks, base)
     targets = [target for target in TARGETS if any(target == module[1] for module in settings.modules)]
-    size_bytes = sum(settings.rank * sum(base.module_shapes[target]) * 4 for _, target in settings.modules)
-    return AdapterInfo(settings.rank, settings.alpha, settings.use_rslora, targets, size_bytes), tensor_names
+    size_bytes = sum(rank * sum(base.module_shapes[target]) * 4
+                     for (_, target), rank in settings.module_ranks.items())
+    info = AdapterInfo(settings.rank, settings.alpha, settings.use_rslora, targets, size_bytes)
+    return info, tensor_names, settings
 
 
-def _check_header(path: Path, modules: frozenset[Module], base: BaseModelShape, rank: int) -> TensorNames:
-    """Tensor names by module, after checking every name, dtype and shape, and that each module has A and B."""
+def _check_header(path: Path, module_ranks: dict[Module, int], base: BaseModelShape) -> TensorNames:
+    """Tensor names by module, after checking every name, dtype and shape (each module's at its own rank), and
+    that each module has A and B."""
+    modules = module_ranks.keys()
     found: dict[Module, dict[str, str]] = {}
     try:
         with safe_open(path, framework="pt") as handle:
@@ -123,7 +133,8 @@ def _check_header(path: Path, modules: frozenset[Module], base: BaseModelShape, 
                     raise AdapterFormatError(f"tensors {found[module][matrix]!r} and {name!r} are the same matrix")
                 found[module][matrix] = name
                 tensor = handle.get_slice(name)
-                _check_tensor(name, tensor.get_dtype(), tensor.get_shape(), module, matrix, base, rank)
+                _check_tensor(name, tensor.get_dtype(), tensor.get_shape(), module, matrix, base,
+                              module_ranks[module])
     except (SafetensorError, OSError) as error:
         raise AdapterFormatError(f"{path.name} is not a readable safetensors file: {error}") from error
     for layer, target in sorted(modules):

@@ -1,8 +1,10 @@
-"""What a PEFT adapter_config.json asks for, checked against what we serve: plain LoRA on the seven projections
-of a Llama decoder layer. Options that would change the math are refused by name, never silently ignored."""
+"""What a PEFT adapter_config.json asks for, checked against what we serve: LoRA on the seven projections of a
+Llama decoder layer, with per-module ranks and alphas (`rank_pattern`, `alpha_pattern`) resolved as PEFT resolves
+them. Options that would change the math otherwise are refused by name, never silently ignored."""
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,6 @@ TARGETS: dict[str, str] = {
 # Config options that change the forward pass beyond y += s * x A^T B^T; any truthy value is refused.
 UNSUPPORTED_OPTIONS: dict[str, str] = {
     "use_dora": "DoRA", "modules_to_save": "fully trained extra modules (modules_to_save)",
-    "rank_pattern": "per-module ranks (rank_pattern)", "alpha_pattern": "per-module alphas (alpha_pattern)",
     "lora_bias": "a bias on lora_B (lora_bias)", "fan_in_fan_out": "transposed weights (fan_in_fan_out)",
     "exclude_modules": "exclude_modules", "layer_replication": "layer replication",
     "trainable_token_indices": "trainable token embeddings", "target_parameters": "parameter targets",
@@ -31,16 +32,53 @@ Module = tuple[int, str]  # (layer, target)
 
 @dataclass(frozen=True)
 class LoraSettings:
-    rank: int
+    rank: int  # the largest of the modules' ranks (`r` unless a pattern raises one)
     alpha: float
     use_rslora: bool
     modules: frozenset[Module]  # every (layer, target) the adapter must carry weights for
+    module_ranks: dict[Module, int]  # each module's rank: `r`, or the rank_pattern entry matching its name
+    module_scales: dict[Module, float]  # each module's alpha / r (or alpha / sqrt(r) with rsLoRA), patterns applied
 
 
 def read_lora_settings(path: Path, num_layers: int, max_rank: int) -> LoraSettings:
     config = _read_json(path)
-    rank, alpha, use_rslora = _check_config(config, max_rank)
-    return LoraSettings(rank, alpha, use_rslora, _targeted_modules(config, num_layers))
+    rank, alpha, use_rslora = _check_config(config)
+    modules = _targeted_modules(config, num_layers)
+    rank_pattern = _pattern(config, "rank_pattern", lambda value: _is_int(value) and value >= 1, "positive integers")
+    alpha_pattern = _pattern(config, "alpha_pattern", _is_positive_number, "positive numbers")
+    ranks = {module: rank_pattern.get(_pattern_key(rank_pattern, module_name(*module)), rank) for module in modules}
+    alphas = {module: float(alpha_pattern.get(_pattern_key(alpha_pattern, module_name(*module)), alpha))
+              for module in modules}
+    largest = max(ranks.values())
+    if largest > max_rank:
+        raise AdapterTooLargeError(f"rank {largest} exceeds the server's max LoRA rank {max_rank}")
+    scales = {module: alphas[module] / (math.sqrt(ranks[module]) if use_rslora else ranks[module])
+              for module in modules}
+    return LoraSettings(largest, alpha, use_rslora, modules, ranks, scales)
+
+
+def module_name(layer: int, target: str) -> str:
+    """The module's name in a Llama causal LM, as PEFT matches patterns against it."""
+    return f"model.layers.{layer}.{TARGETS[target]}.{target}"
+
+
+def _pattern(config: dict[str, Any], key: str, valid: Callable[[Any], bool], kind: str) -> dict[str, Any]:
+    """A rank or alpha pattern: module-name regexes (as PEFT reads them) to values."""
+    pattern = config.get(key) or {}
+    if not isinstance(pattern, dict) or not all(isinstance(name, str) and valid(value)
+                                                for name, value in pattern.items()):
+        raise AdapterFormatError(f"{key} must map module names to {kind}, got {pattern!r}")
+    for name in pattern:
+        try:
+            re.compile(name)
+        except re.error as error:
+            raise AdapterFormatError(f"{key} key {name!r} is not a valid regex: {error}") from error
+    return pattern
+
+
+def _pattern_key(pattern: dict[str, Any], name: str) -> str:
+    """PEFT's rule (`get_pattern_key`): the first key matching the end of the name at a dot, else the name."""
+    return next((key for key in pattern if re.match(rf"(.*\.)?({key})$", name)), name)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -53,7 +91,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return config
 
 
-def _check_config(config: dict[str, Any], max_rank: int) -> tuple[int, float, bool]:
+def _check_config(config: dict[str, Any]) -> tuple[int, float, bool]:
     """(rank, alpha, use_rslora) of a plain LoRA config; refuses everything that would change the math."""
     if config.get("peft_type") != "LORA":
         raise AdapterFormatError(f"peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are served")
@@ -65,9 +103,7 @@ def _check_config(config: dict[str, Any], max_rank: int) -> tuple[int, float, bo
     rank, alpha, use_rslora = config.get("r"), config.get("lora_alpha"), config.get("use_rslora", False)
     if not _is_int(rank) or rank < 1:
         raise AdapterFormatError(f"r must be a positive integer, got {rank!r}")
-    if rank > max_rank:
-        raise AdapterTooLargeError(f"rank {rank} exceeds the server's max LoRA rank {max_rank}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+    if not _is_positive_number(alpha):
         raise AdapterFormatError(f"lora_alpha must be a positive number, got {alpha!r}")
     if not isinstance(use_rslora, bool):
         raise AdapterFormatError(f"use_rslora must be true or false, got {use_rslora!r}")
@@ -78,8 +114,7 @@ def _targeted_modules(config: dict[str, Any], num_layers: int) -> frozenset[Modu
     """The (layer, target) pairs PEFT would have adapted, matching module names the way PEFT does: a string is
     a regex over the whole name ("all-linear" meaning every projection), a list entry matches a name's suffix."""
     layers = _layers_to_transform(config.get("layers_to_transform"), num_layers)
-    names = {(layer, target): f"model.layers.{layer}.{parent}.{target}"
-             for layer in layers for target, parent in TARGETS.items()}
+    names = {(layer, target): module_name(layer, target) for layer in layers for target in TARGETS}
     spec = config.get("target_modules")
     if spec == "all-linear":
         return frozenset(names)
@@ -116,3 +151,7 @@ def _layers_to_transform(value: Any, num_layers: int) -> list[int]:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

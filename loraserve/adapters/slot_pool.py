@@ -94,10 +94,9 @@ class SlotPool:
         index = torch.tensor(pages, device=self.slot_pages.device)
         for projection, pool in self._pools.items():
             bounds = self.layer_weights[0][projection].slice_bounds
-            adapted = _fill_pages(pool, pages, adapter, FUSED_PROJECTIONS[projection], bounds,
-                                  only_adapted_layers=not self.writes_every_layer)
-            self._set_ranks(projection, slot, [adapter.rank if layer in adapted else 0
-                                               for layer in range(len(self.layer_weights))])
+            ranks = _fill_pages(pool, pages, adapter, FUSED_PROJECTIONS[projection], bounds,
+                                only_adapted_layers=not self.writes_every_layer)
+            self._set_ranks(projection, slot, [ranks.get(layer, 0) for layer in range(len(self.layer_weights))])
         self.slot_pages[slot] = 0
         self.slot_pages[slot, :adapter.rank] = index
 
@@ -116,30 +115,33 @@ class SlotPool:
 
 
 def _fill_pages(pool: ProjectionPool, pages: list[int], adapter: LoraAdapter, targets: tuple[str, ...],
-                slice_bounds: list[tuple[int, int]], only_adapted_layers: bool) -> set[int]:
+                slice_bounds: list[tuple[int, int]], only_adapted_layers: bool) -> dict[int, int]:
     """Write one projection's pages of the adapter in place: A rows and scaled B columns where it adapts a layer's
-    slice, zero elsewhere; returns the layers it adapts. The CPU kernels read a slot's pages only in layers where
-    its rank is non-zero (`only_adapted_layers`), so there pages of layers it does not adapt are left untouched
-    (an adapter of q and v writes a fraction of its pages; zeroing the rest was most of a load); the Triton
-    kernels read every slot up to the batch's largest rank, so on CUDA every layer is written."""
+    slice, zero elsewhere (and past a module's own rank, when patterns give modules different ranks); returns the
+    rank the kernels must read in each layer it adapts (its slices' largest). The CPU kernels read a slot's pages
+    only in layers where its rank is non-zero (`only_adapted_layers`), so there pages of layers it does not adapt
+    are left untouched (an adapter of q and v writes a fraction of its pages; zeroing the rest was most of a
+    load); the Triton kernels read every slot up to the batch's largest rank, so on CUDA every layer is written."""
     num_layers = pool.lora_a.shape[0]
     layers_of = {target: [layer for layer in range(num_layers) if (layer, target) in adapter.weights]
                  for target in targets}
     adapted = set().union(*layers_of.values())
+    ranks = {layer: max(adapter.weights[(layer, target)][0].shape[0] for target in targets
+                        if (layer, target) in adapter.weights) for layer in adapted}
     if only_adapted_layers and not adapted:
-        return adapted
+        return ranks
     kernel = cpu_adapter_copy.KERNEL.get() if pool.lora_a.device.type == "cpu" and only_adapted_layers else None
     if kernel is not None:
         starts = [start for start, _ in slice_bounds] + [slice_bounds[-1][1]]
-        entries = [(layer, index, adapter.weights.get((layer, target), (_NONE, _NONE)))
-                   for layer in sorted(adapted) for index, target in enumerate(targets)]
-        kernel.write_pages(pool.lora_a, pool.lora_b, pages, starts, [layer for layer, _, _ in entries],
-                           [index for _, index, _ in entries], [weights[0] for _, _, weights in entries],
-                           [weights[1] for _, _, weights in entries], adapter.scale)
+        modules = [(layer, target) for layer in sorted(adapted) for target in targets]
+        weights = [adapter.weights.get(module, (_NONE, _NONE)) for module in modules]
+        kernel.write_pages(pool.lora_a, pool.lora_b, pages, starts, [layer for layer, _ in modules],
+                           [targets.index(target) for _, target in modules], [a for a, _ in weights],
+                           [b for _, b in weights], [adapter.scale_of(module) for module in modules])
     else:
         _write_with_torch(pool, pages, adapter, targets, slice_bounds, layers_of,
                           None if only_adapted_layers else list(range(num_layers)))
-    return adapted
+    return ranks
 
 
 def _write_with_torch(pool: ProjectionPool, pages: list[int], adapter: LoraAdapter, targets: tuple[str, ...],
@@ -150,9 +152,9 @@ def _write_with_torch(pool: ProjectionPool, pages: list[int], adapter: LoraAdapt
     stacked = {}
     for target, layers in layers_of.items():
         if layers:
-            lora_a = torch.stack([adapter.weights[(layer, target)][0] for layer in layers])  # [layers, rank, in]
-            lora_b = torch.stack([adapter.weights[(layer, target)][1] for layer in layers])  # [layers, out, rank]
-            scaled = lora_b.transpose(1, 2).float() * adapter.scale  # scaled in float32: [layers, rank, out]
+            padded = [_padded(adapter, (layer, target)) for layer in layers]
+            lora_a = torch.stack([a for a, _ in padded])  # [layers, rank, in]
+            scaled = torch.stack([b for _, b in padded])  # [layers, rank, out], scaled in float32
             stacked[target] = (_layer_index(layers), lora_a.to(pool.lora_a), scaled.to(pool.lora_b))
     adapted = sorted(set().union(*layers_of.values()))
     zeroed = _layer_index(every_layer or adapted)
@@ -168,6 +170,14 @@ def _write_with_torch(pool: ProjectionPool, pages: list[int], adapter: LoraAdapt
                 layers, lora_a, lora_b = stacked[target]
                 page_a[layers, :, slice_index] = lora_a[:, offset:offset + count]
                 page_b[layers, :, start:end] = lora_b[:, offset:offset + count]
+
+
+def _padded(adapter: LoraAdapter, module: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's A [rank, in] and scaled B^T [rank, out] (float32), zero rows past its own rank."""
+    lora_a, lora_b = adapter.weights[module]
+    missing = adapter.rank - lora_a.shape[0]
+    return (torch.nn.functional.pad(lora_a, (0, 0, 0, missing)),
+            torch.nn.functional.pad(lora_b.T.float() * adapter.scale_of(module), (0, 0, 0, missing)))
 
 
 def _layer_index(layers: list[int]) -> slice | torch.Tensor:

@@ -79,16 +79,17 @@ struct Destination {
     const std::vector<int64_t>& slice_starts;  // [slices + 1]: each slice's first output column
 };
 
-// pool_a[layer, page_j, slice, :] = A[j, :], zero where A is empty (a slice the adapter leaves alone).
+// pool_a[layer, page_j, slice, :] = A[j, :], zero past A's rows (a module of lower rank than the adapter's
+// largest) and where A is empty (a slice the adapter leaves alone).
 template <typename pool_t, typename weight_t>
 void write_a(const Destination& destination, torch::Tensor& pool_a, int64_t layer, int64_t slice,
              const torch::Tensor& lora_a) {
-    const int64_t in_features = pool_a.size(3);
-    const weight_t* source = lora_a.numel() ? lora_a.data_ptr<weight_t>() : nullptr;
-    for (size_t component = 0; component < destination.pages.size(); ++component) {
+    const int64_t in_features = pool_a.size(3), own_rank = lora_a.numel() ? lora_a.size(0) : 0;
+    const weight_t* source = own_rank ? lora_a.data_ptr<weight_t>() : nullptr;
+    for (int64_t component = 0; component < static_cast<int64_t>(destination.pages.size()); ++component) {
         pool_t* row = pool_a.data_ptr<pool_t>() + layer * pool_a.stride(0)
                       + destination.pages[component] * pool_a.stride(1) + slice * pool_a.stride(2);
-        if (source == nullptr) {
+        if (component >= own_rank) {
             std::fill(row, row + in_features, pool_t(0));
             continue;
         }
@@ -98,7 +99,8 @@ void write_a(const Destination& destination, torch::Tensor& pool_a, int64_t laye
     }
 }
 
-// pool_b[layer, page_j, slice's columns] = scale * B[:, j] (rounded once, from float32), zero where B is empty.
+// pool_b[layer, page_j, slice's columns] = scale * B[:, j] (rounded once, from float32), zero past B's columns and
+// where B is empty.
 // B is [out, rank]: each of its rows feeds one column of every page. It is transposed a tile at a time (kTileRows
 // of its rows by kTileComponents of its columns, in cache) and each page's part of the tile written as one run;
 // element by element, or a page at a time through B's strided columns, ran at 1 GB/s.
@@ -114,18 +116,18 @@ void write_b(const Destination& destination, torch::Tensor& pool_b, int64_t laye
     for (int64_t component = 0; component < rank; ++component)
         rows[component] = pool_b.data_ptr<pool_t>() + layer * pool_b.stride(0)
                           + destination.pages[component] * pool_b.stride(1) + first;
-    if (lora_b.numel() == 0) {
-        for (pool_t* row : rows) std::fill(row, row + columns, pool_t(0));
-        return;
-    }
+    const int64_t own_rank = lora_b.numel() ? lora_b.size(1) : 0;
+    for (int64_t component = own_rank; component < rank; ++component)
+        std::fill(rows[component], rows[component] + columns, pool_t(0));
+    if (own_rank == 0) return;
     const weight_t* source = lora_b.data_ptr<weight_t>();
     float tile[kTileComponents][kTileRows];
-    for (int64_t component = 0; component < rank; component += kTileComponents) {
-        const int64_t components = std::min(kTileComponents, rank - component);
+    for (int64_t component = 0; component < own_rank; component += kTileComponents) {
+        const int64_t components = std::min(kTileComponents, own_rank - component);
         for (int64_t start = 0; start < columns; start += kTileRows) {
             const int64_t count = std::min(kTileRows, columns - start);
             for (int64_t column = 0; column < count; ++column) {
-                const weight_t* from = source + (start + column) * rank + component;
+                const weight_t* from = source + (start + column) * own_rank + component;
                 for (int64_t index = 0; index < components; ++index) tile[index][column] = to_float(from[index]);
             }
             for (int64_t index = 0; index < components; ++index) {
@@ -140,10 +142,12 @@ void write_b(const Destination& destination, torch::Tensor& pool_b, int64_t laye
 template <typename pool_t, typename weight_t>
 void write(const Destination& destination, torch::Tensor& pool_a, torch::Tensor& pool_b,
            const std::vector<int64_t>& layers, const std::vector<int64_t>& slices,
-           const std::vector<torch::Tensor>& lora_a, const std::vector<torch::Tensor>& lora_b, float scale) {
+           const std::vector<torch::Tensor>& lora_a, const std::vector<torch::Tensor>& lora_b,
+           const std::vector<double>& scales) {
     for (size_t entry = 0; entry < layers.size(); ++entry) {
         write_a<pool_t, weight_t>(destination, pool_a, layers[entry], slices[entry], lora_a[entry]);
-        write_b<pool_t, weight_t>(destination, pool_b, layers[entry], slices[entry], lora_b[entry], scale);
+        write_b<pool_t, weight_t>(destination, pool_b, layers[entry], slices[entry], lora_b[entry],
+                                  static_cast<float>(scales[entry]));
     }
 }
 
@@ -156,18 +160,18 @@ int64_t first_non_finite(const std::vector<torch::Tensor>& tensors) {
     return -1;
 }
 
-// One fused projection of an adapter into its pages: entry i puts lora_a[i] ([rank, in], or empty for zeros) and
-// lora_b[i] ([out of the slice, rank], or empty) times scale at layers[i], slices[i] of pool_a [layers, pages,
-// slices, in] and pool_b [layers, pages, out], rank component j in page pages[j].
+// One fused projection of an adapter into its pages: entry i puts lora_a[i] ([rank_i, in], or empty for zeros)
+// and lora_b[i] ([out of the slice, rank_i], or empty) times scales[i] at layers[i], slices[i] of pool_a [layers,
+// pages, slices, in] and pool_b [layers, pages, out], rank component j in page pages[j] (zeros past rank_i).
 void write_pages(torch::Tensor pool_a, torch::Tensor pool_b, const std::vector<int64_t>& pages,
                  const std::vector<int64_t>& slice_starts, const std::vector<int64_t>& layers,
                  const std::vector<int64_t>& slices, const std::vector<torch::Tensor>& lora_a,
-                 const std::vector<torch::Tensor>& lora_b, double scale) {
+                 const std::vector<torch::Tensor>& lora_b, const std::vector<double>& scales) {
     TORCH_CHECK(pool_a.dim() == 4 && pool_b.dim() == 3 && pool_a.stride(3) == 1 && pool_b.stride(2) == 1
                 && pool_a.scalar_type() == pool_b.scalar_type(), "pools [layers, pages, slices, in] and "
                 "[layers, pages, out] in one dtype, rows contiguous");
-    TORCH_CHECK(layers.size() == slices.size() && layers.size() == lora_a.size() && layers.size() == lora_b.size(),
-                "one layer, slice, A and B per entry");
+    TORCH_CHECK(layers.size() == slices.size() && layers.size() == lora_a.size() && layers.size() == lora_b.size()
+                && layers.size() == scales.size(), "one layer, slice, A, B and scale per entry");
     TORCH_CHECK(static_cast<int64_t>(slice_starts.size()) == pool_a.size(2) + 1, "a start per slice, and the end");
     const int64_t rank = pages.size();
     auto weight_type = torch::kFloat;
@@ -178,9 +182,10 @@ void write_pages(torch::Tensor pool_a, torch::Tensor pool_b, const std::vector<i
         TORCH_CHECK((a.numel() == 0) == (b.numel() == 0), "A and B both given or both empty");
         if (a.numel() == 0) continue;
         const int64_t columns = slice_starts[slices[entry] + 1] - slice_starts[slices[entry]];
-        TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.dim() == 2 && b.dim() == 2 && a.size(0) == rank
-                    && a.size(1) == pool_a.size(3) && b.size(0) == columns && b.size(1) == rank
-                    && a.scalar_type() == b.scalar_type(), "A [rank, in] and B [out, rank], contiguous, one dtype");
+        TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.dim() == 2 && b.dim() == 2 && a.size(0) <= rank
+                    && a.size(1) == pool_a.size(3) && b.size(0) == columns && b.size(1) == a.size(0)
+                    && a.scalar_type() == b.scalar_type(), "A [rank_i, in] and B [out, rank_i] with rank_i at most "
+                    "the pages given, contiguous, one dtype");
         weight_type = a.scalar_type();
     }
     for (int64_t page : pages) TORCH_CHECK(0 <= page && page < pool_a.size(1), "page inside the pool");
@@ -188,8 +193,7 @@ void write_pages(torch::Tensor pool_a, torch::Tensor pool_b, const std::vector<i
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pool_a.scalar_type(), "write_pages", [&] {
         using pool_t = scalar_t;
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight_type, "write_pages", [&] {
-            write<pool_t, scalar_t>(destination, pool_a, pool_b, layers, slices, lora_a, lora_b,
-                                    static_cast<float>(scale));
+            write<pool_t, scalar_t>(destination, pool_a, pool_b, layers, slices, lora_a, lora_b, scales);
         });
     });
 }

@@ -162,7 +162,7 @@ def test_the_cpu_copy_kernel_writes_the_bits_of_the_torch_path(pool_dtype: torch
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The same adapters written by the C++ copy and by the torch operations it replaces (which run until it is
     built): every element of both pools equal, over dirty pages in two runs, layers with gaps, fused projections
-    with some slices adapted, and a scale that rounds."""
+    with some slices adapted, scales that round, and modules of their own rank and scale (PEFT's patterns)."""
     base = BaseModelShape.for_llama(num_layers=4, hidden_size=64, intermediate_size=96, num_heads=4,
                                     num_kv_heads=2, head_dim=16)
     everything = [(layer, target) for layer in range(4) for target in base.module_shapes]
@@ -172,7 +172,7 @@ def test_the_cpu_copy_kernel_writes_the_bits_of_the_torch_path(pool_dtype: torch
     for use_kernel in (True, False):
         if not use_kernel:
             monkeypatch.setattr(cpu_adapter_copy.KERNEL, "module", None)
-        pool = SlotPool(base, num_slots=3, num_pages=12, max_rank=MAX_RANK, device=torch.device("cpu"),
+        pool = SlotPool(base, num_slots=3, num_pages=16, max_rank=MAX_RANK, device=torch.device("cpu"),
                         dtype=pool_dtype)
         for projection in pool._pools.values():
             projection.lora_a.zero_(), projection.lora_b.zero_()
@@ -182,6 +182,7 @@ def test_the_cpu_copy_kernel_writes_the_bits_of_the_torch_path(pool_dtype: torch
         pool.return_pages(dirty[:3] + dirty[5:])
         pool.write(1, pool.take_pages(6), cast(random_adapter(base, 6, partial, seed=2), weight_dtype, alpha=7.0))
         pool.write(2, pool.take_pages(2), cast(random_adapter(base, 2, everything, seed=3), weight_dtype, alpha=3.0))
+        pool.write(0, pool.take_pages(4), patterned(cast(random_adapter(base, 4, partial, seed=4), weight_dtype, 5.0)))
         pools.append(pool)
     for name, projection in pools[0]._pools.items():
         assert torch.equal(projection.lora_a, pools[1]._pools[name].lora_a), name
@@ -193,3 +194,12 @@ def test_the_cpu_copy_kernel_writes_the_bits_of_the_torch_path(pool_dtype: torch
 def cast(adapter: LoraAdapter, dtype: torch.dtype, alpha: float) -> LoraAdapter:
     weights = {module: (lora_a.to(dtype), lora_b.to(dtype)) for module, (lora_a, lora_b) in adapter.weights.items()}
     return dataclasses.replace(adapter, alpha=alpha, weights=weights)
+
+
+def patterned(adapter: LoraAdapter) -> LoraAdapter:
+    """q in layer 0 at half the adapter's rank and a scale of its own, and up in layer 2 at another scale, as
+    rank_pattern and alpha_pattern make them."""
+    weights = dict(adapter.weights)
+    lora_a, lora_b = weights[(0, "q_proj")]
+    weights[(0, "q_proj")] = (lora_a[:adapter.rank // 2].contiguous(), lora_b[:, :adapter.rank // 2].contiguous())
+    return dataclasses.replace(adapter, weights=weights, module_scales={(0, "q_proj"): 0.3, (2, "up_proj"): 1.7})

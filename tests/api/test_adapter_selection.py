@@ -19,9 +19,11 @@ NUM_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def adapters(adapter_server, tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """Three random adapters, uploaded."""
+    """Three random adapters, uploaded; the last with PEFT's per-module rank and alpha patterns."""
     directory = tmp_path_factory.mktemp("selection")
-    saved = {name: save_random_adapter(tiny_model_dir, directory / name, seed=seed) for seed, name in enumerate(NAMES)}
+    options = [{}, {}, dict(rank_pattern={"q_proj": 4, "down_proj": 16}, alpha_pattern={"v_proj": 32})]
+    saved = {name: save_random_adapter(tiny_model_dir, directory / name, seed=seed, **options[seed])
+             for seed, name in enumerate(NAMES)}
     for name, adapter_dir in saved.items():
         response = upload(adapter_server.url, name, adapter_dir)
         assert response.status_code == 201, response.text

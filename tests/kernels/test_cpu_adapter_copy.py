@@ -45,7 +45,7 @@ def test_every_finite_float16_value_is_written_as_torch_converts_it(pool_dtype: 
     lora_b = values.view(in_features, rank)
     pool_a = torch.zeros(1, 3, 1, in_features, dtype=pool_dtype)  # [layers, pages, slices, in]
     pool_b = torch.zeros(1, 3, in_features, dtype=pool_dtype)
-    kernel().write_pages(pool_a, pool_b, [2, 1], [0, in_features], [0], [0], [lora_a], [lora_b], 1.0)
+    kernel().write_pages(pool_a, pool_b, [2, 1], [0, in_features], [0], [0], [lora_a], [lora_b], [1.0])
     assert torch.equal(pool_a[0, [2, 1], 0], lora_a.to(pool_dtype))
     assert torch.equal(pool_b[0, [2, 1]], lora_b.T.float().to(pool_dtype))
     assert not pool_a[:, 0].any() and not pool_b[:, 0].any()
