@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from loraserve.kernels import cpu_adapter_copy, cpu_attention, cpu_lora, cpu_quantized, fused, token_mask
-
-if not torch.cuda.is_available():
+if not torch.cuda.is_available():  # before anything imports triton (llguidance's torch module does, through Inductor)
     os.environ["TRITON_INTERPRET"] = "1"
+
+from loraserve.kernels import cpu_adapter_copy, cpu_attention, cpu_lora, cpu_quantized, fused, token_mask  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
