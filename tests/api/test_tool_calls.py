@@ -11,7 +11,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tests.api.conftest import MAIN_FLAGS, Server, start_server
 from tests.api.lora_helpers import save_random_adapter, upload
@@ -169,22 +169,47 @@ def test_auto_shows_the_tools_to_a_template_that_renders_them(tool_template_serv
     assert auto.choices[0].finish_reason == "length" and auto.choices[0].message.tool_calls is None
 
 
+# Room for the longest Forecast the grammar allows a model sampling at temperature 1: twelve characters of city,
+# each possibly a six-character escape (within the tiny model's 256-token context).
+LONGEST = 180
+
+
 class Forecast(BaseModel):
+    """Extra fields forbidden (additionalProperties: false): a schema that allows them lets a model sampling at
+    random add fields until max_tokens, as JSON Schema permits."""
+
+    model_config = ConfigDict(extra="forbid")
+
     city: str = Field(max_length=12)
     days: int = Field(ge=1, le=7)
 
 
-def test_instructor_gets_a_validated_object(server) -> None:
+@pytest.fixture(scope="module", params=["embedded model", "tiny model with an adapter"])
+def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Server, str]:
+    """A server and the model to name: the embedded base model, or an adapter uploaded onto the tiny model."""
+    if request.param == "embedded model":
+        server = request.getfixturevalue("server")
+        return server, base_model(server)
+    server, model_dir = request.getfixturevalue("adapter_server"), request.getfixturevalue("tiny_model_dir")
+    directory = save_random_adapter(model_dir, tmp_path_factory.mktemp("frameworks") / "adapter", seed=42)
+    assert upload(server.url, "frameworks", directory).status_code == 201
+    return server, "frameworks"
+
+
+def test_instructor_gets_a_validated_object(target) -> None:
     import instructor
+    server, model = target
     patched = instructor.from_openai(client(server), mode=instructor.Mode.TOOLS)
-    forecast = patched.chat.completions.create(model=base_model(server), messages=QUESTION, response_model=Forecast,
-                                               max_tokens=60, temperature=1.0, max_retries=0)
-    assert isinstance(forecast, Forecast) and 1 <= forecast.days <= 7
+    for seed in range(3):
+        forecast = patched.chat.completions.create(model=model, messages=QUESTION, response_model=Forecast,
+                                                   max_tokens=LONGEST, temperature=1.0, seed=seed, max_retries=0)
+        assert isinstance(forecast, Forecast) and 1 <= forecast.days <= 7
 
 
-def test_langchain_structured_output_and_a_required_tool_call(server) -> None:
+def test_langchain_structured_output_and_a_required_tool_call(target) -> None:
     from langchain_openai import ChatOpenAI
-    model = ChatOpenAI(base_url=f"{server.url}/v1", api_key="unused", model=base_model(server), max_tokens=60,
+    server, model_name = target
+    model = ChatOpenAI(base_url=f"{server.url}/v1", api_key="unused", model=model_name, max_tokens=LONGEST,
                        temperature=1.0, max_retries=0)
     forecast = model.with_structured_output(Forecast, method="json_schema").invoke("Weather in Rome for 2 days?")
     assert isinstance(forecast, Forecast)
