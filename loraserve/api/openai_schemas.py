@@ -192,8 +192,10 @@ class ChatCompletionRequest(SamplingRequest, ToolFields):
 
     def structured_specs(self) -> list[GrammarSpec]:
         self.check_tools()
-        tool_spec = self.tool_grammar_spec()
-        return super().structured_specs() + ([tool_spec] if tool_spec is not None else [])
+        specs, tool_spec = super().structured_specs(), self.tool_grammar_spec()
+        if tool_spec is None or (self.tool_mode == "auto" and specs):
+            return specs  # under auto, a response_format leaves no room for calls: it alone holds the answer
+        return specs + [tool_spec]
 
     @property
     def tool_function(self) -> str | None:

@@ -15,9 +15,8 @@ import re
 import uuid
 from typing import Any, Protocol
 
-from loraserve.api.tool_schema import ToolMode
+from loraserve.api.tool_schema import HERMES_CLOSE, HERMES_OPEN, ToolMode
 
-HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 # The opening of one call in the array `required` forces, up to its arguments (whitespace allowed anywhere).
 CALL_OPENING = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:\s*')
 

@@ -4,20 +4,28 @@ forces a call when one is required.
 
 `required` and a named function are enforced: the model must write the call, its arguments valid against the
 function's schema (a named function's arguments alone; under `required`, a JSON array of {"name", "parameters"}
-objects, one or more, or exactly one without parallel calls). `auto` leaves the model free and reads calls out of
-what it writes, so it needs a chat template that shows the model the tools in a format we parse.
+objects, one or more, or exactly one without parallel calls). `auto` leaves the model's text free, but once it opens
+a Hermes `<tool_call>` block the call is held to a declared function and its schema (llguidance's structural tags:
+a lazy trigger, then the grammar); it needs a chat template that shows the model the tools in that format.
 """
 import json
 from typing import Any, Literal
 
+from llguidance import StructTag
 from pydantic import Field
 
 from loraserve.api.common_schema import StrictSchema
 from loraserve.engine.grammar import GrammarSpec
 
 MAX_TOOLS = 128
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"  # the blocks Hermes-style templates teach
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def hermes_opening(name: str) -> str:
+    """A Hermes call up to its arguments, as Qwen's and Hermes' templates show it."""
+    return f'{HERMES_OPEN}\n{{"name": {json.dumps(name)}, "arguments": '
 
 
 class FunctionDefinition(StrictSchema):
@@ -92,12 +100,15 @@ class ToolFields(StrictSchema):
         if self.tool_mode == "named" and self.tool_choice.function.name not in names:
             raise ValueError(f"tool_choice names the function {self.tool_choice.function.name!r}, which is not "
                              f"among the tools")
-        if self.tool_mode == "auto" and any(tool.function.strict for tool in self.tools):
-            raise ValueError("strict function schemas are enforced only when tool_choice is 'required' or names "
-                             "a function; under 'auto' the model's calls are read, not constrained")
 
     def tool_grammar_spec(self) -> GrammarSpec | None:
-        """The grammar of a forced call (None unless `required` or a named function)."""
+        """The grammar of the calls: a forced call (`required` or a named function), or under `auto` free text
+        whose Hermes blocks hold valid calls; None without tools."""
+        if self.tool_mode == "auto":
+            tags = [StructTag(trigger=HERMES_OPEN, begin=hermes_opening(tool.function.name),
+                              grammar=tool.function.parameters_schema, end="}\n" + HERMES_CLOSE)
+                    for tool in self.tools]
+            return GrammarSpec("lark", StructTag.to_grammar(tags, assume_special=False))
         if self.tool_mode == "named":
             wanted = self.tool_choice.function.name
             function = next(tool.function for tool in self.tools if tool.function.name == wanted)

@@ -6,6 +6,11 @@ import random
 import pytest
 
 from loraserve.api.tool_calls import read_message, reader_for
+from loraserve.api.tool_schema import ToolFields
+from loraserve.engine.grammar import GrammarCompiler, GrammarSpec
+from loraserve.model.hf_loader import read_tokenizer
+from loraserve.model.tokenizer import Tokenizer
+from tests.model.helpers import save_tiny_llama
 
 REQUIRED = '[{"name":"get_weather","parameters":{"city":"Paris \\"Nord\\"","days":[1,2]}},' \
            ' {"name":"get_time","parameters":{}}]'
@@ -74,3 +79,30 @@ def test_a_named_call_is_the_whole_text_and_an_empty_one_still_opens() -> None:
 def test_plain_text_is_content() -> None:
     assert read_message(reader_for("none"), "hello") == {"role": "assistant", "content": "hello"}
     assert streamed_message("none", "hello there", 1) == ({"content": "hello there", "calls": []}, False)
+
+
+@pytest.fixture(scope="module")
+def grammars(tmp_path_factory: pytest.TempPathFactory) -> tuple[GrammarCompiler, Tokenizer]:
+    tokenizer = read_tokenizer(save_tiny_llama(tmp_path_factory.mktemp("tool_grammar")), eos_token_ids=[2])
+    return GrammarCompiler(tokenizer, tokenizer.vocab_size), tokenizer
+
+
+def auto_accepts(grammars: tuple[GrammarCompiler, Tokenizer], spec: GrammarSpec, text: str) -> bool:
+    compiler, tokenizer = grammars
+    matcher = compiler.matcher(spec)
+    return all(matcher.consume_token(token) for token in tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_under_auto_text_is_free_and_a_hermes_block_holds_a_valid_call(grammars) -> None:
+    """The grammar `auto` runs under: any text, but a block once opened names a declared function and carries
+    arguments its schema accepts; the reader then finds that call."""
+    schema = {"type": "object", "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 7}},
+              "required": ["days"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "forecast", "parameters": schema}}]
+    spec = ToolFields.model_validate({"tools": tools, "tool_choice": "auto"}).tool_grammar_spec()
+    call = '<tool_call>\n{"name": "forecast", "arguments": {"days":3}}\n</tool_call>'
+    assert auto_accepts(grammars, spec, "No call needed, 2 < 3.") and auto_accepts(grammars, spec, "Sure.\n" + call)
+    assert not auto_accepts(grammars, spec, call.replace("3", "9"))  # outside the schema
+    assert not auto_accepts(grammars, spec, call.replace("forecast", "weather"))  # not a declared function
+    assert read_message(reader_for("auto"), "Sure.\n" + call)["tool_calls"][0]["function"] == {
+        "name": "forecast", "arguments": '{"days": 3}'}

@@ -130,13 +130,12 @@ def test_an_adapters_calls_hold(adapter_server, tiny_model_dir, tmp_path) -> Non
     ({"tool_choice": "required"}, "needs tools"),
     ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "name of its own"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "one kind"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True}}], "tool_choice": "auto"}, "strict"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "name"),
     ({"messages": [{"role": "tool", "content": "42"}]}, "tool_call_id"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
                                                          "function": {"name": "f", "arguments": "{"}}]}]}, "JSON"),
 ], ids=["auto without template support", "unknown function", "no tools", "duplicate names", "two constraints",
-        "strict under auto", "bad name", "tool message without id", "arguments not JSON"])
+        "bad name", "tool message without id", "arguments not JSON"])
 def test_tool_fields_that_cannot_be_honoured_are_refused(server, fields, field) -> None:
     body = {"messages": QUESTION, "max_tokens": 8, **fields}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
