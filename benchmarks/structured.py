@@ -8,6 +8,8 @@ prompts, each with as many tokens as its constrained twin (so both runs hold as 
 ignored. Both greedy, no speculation. The machine's limit is the unconstrained row: a grammar adds its token mask
 (llguidance, per row and step) and the matcher's advance per token.
 
+Then the grammar a chat request with tools runs under `auto` (free text; calls held to the tool's schema), batch 16.
+
 Usage: python -m benchmarks.structured [--device auto] [--repeats 5] [--out DIR]
 Prints a table, writes structured.json and structured.png under --out.
 """
@@ -18,6 +20,7 @@ import sys
 import time
 
 from benchmarks.embedded import add_device_and_out, load_embedded
+from loraserve.api.tool_schema import ToolFields
 from loraserve.config import ServerConfig
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.grammar import GrammarSpec
@@ -43,17 +46,17 @@ def run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams
     return tokens, time.perf_counter() - started, first_token
 
 
-def throughput(engine: LLMEngine, prompts: list[list[int]], batch: int, repeats: int) -> dict[str, float]:
+def throughput(engine: LLMEngine, prompts: list[list[int]], batch: int, repeats: int, spec: GrammarSpec,
+               max_tokens: int = 200) -> dict[str, float]:
     """Constrained and unconstrained runs, alternating `repeats` times; the median of each (this VM's speed drifts
     by 10-20% from run to run, more than the difference measured)."""
-    spec = GrammarSpec("json_schema", json.dumps(SCHEMA))
     engine.grammars.compile(spec)
-    run(engine, prompts[:1], [SamplingParams(max_tokens=200, temperature=0.0, grammar=spec)])  # warm
+    run(engine, prompts[:1], [SamplingParams(max_tokens=max_tokens, temperature=0.0, grammar=spec)])  # warm
     chosen = [prompts[index % len(prompts)] for index in range(batch)]
     plain, constrained = [], []
     for _ in range(repeats):
         constrained_tokens, constrained_seconds, _ = run(engine, chosen, [SamplingParams(
-            max_tokens=200, temperature=0.0, grammar=spec)] * batch)
+            max_tokens=max_tokens, temperature=0.0, grammar=spec)] * batch)
         # Each unconstrained twin writes as many tokens as its constrained request, so both runs hold the same
         # number of requests at every step: the difference is the grammar's cost, not how the lengths spread.
         plain_tokens, plain_seconds, _ = run(engine, chosen, [SamplingParams(
@@ -63,6 +66,13 @@ def throughput(engine: LLMEngine, prompts: list[list[int]], batch: int, repeats:
     plain_median, constrained_median = statistics.median(plain), statistics.median(constrained)
     return {"unconstrained_tokens_per_second": plain_median, "constrained_tokens_per_second": constrained_median,
             "ratio": constrained_median / plain_median, "tokens_per_request": sum(constrained_tokens) // batch}
+
+
+def auto_tools_spec() -> GrammarSpec:
+    """The grammar a chat request with one tool runs under `auto`: free text, Hermes calls held to the schema."""
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string", "maxLength": 24}}, "required": ["query"]}}}
+    return ToolFields.model_validate({"tools": [tool]}).tool_grammar_spec()
 
 
 def first_token(engine: LLMEngine, prompt: list[int], seed: int) -> dict[str, float]:
@@ -115,12 +125,19 @@ def main() -> None:
     results = {"device": str(next(loaded.model.parameters()).device), "throughput": {}}
     for batch in (1, 16):
         print(f"batch {batch}...", file=sys.stderr)
-        results["throughput"][batch] = throughput(engine, prompts, batch, args.repeats)
+        results["throughput"][batch] = throughput(engine, prompts, batch, args.repeats,
+                                                  GrammarSpec("json_schema", json.dumps(SCHEMA)))
+    print("tools under auto, batch 16...", file=sys.stderr)
+    results["auto_tools"] = throughput(engine, prompts, 16, args.repeats, auto_tools_spec(), max_tokens=64)
     results["first_token"] = first_token(engine, prompts[0], seed=int(time.time()))
     print(f"\n{'batch':>5}{'unconstrained tok/s':>21}{'JSON schema tok/s':>19}{'ratio':>7}{'tokens':>8}")
     for batch, entry in results["throughput"].items():
         print(f"{batch:>5}{entry['unconstrained_tokens_per_second']:>21.1f}"
               f"{entry['constrained_tokens_per_second']:>19.1f}{entry['ratio']:>7.2f}{entry['tokens_per_request']:>8}")
+    auto = results["auto_tools"]
+    print(f"tools under auto (free text, calls held to one tool's schema), batch 16: "
+          f"{auto['constrained_tokens_per_second']:.1f} against {auto['unconstrained_tokens_per_second']:.1f} tok/s, "
+          f"ratio {auto['ratio']:.2f}")
     timing = results["first_token"]
     print(f"time to first token: unconstrained {timing['unconstrained_ttft_seconds'] * 1000:.1f} ms, new schema "
           f"{timing['cold_ttft_seconds'] * 1000:.1f} ms (compile {timing['cold_compile_seconds'] * 1000:.1f}), "
