@@ -12,10 +12,10 @@ from loraserve.api.generation import (Generation, engine_of, new_request_id, sel
                                    tokenize_chat, unless_disconnected)
 from loraserve.api.openai_format import (OpenAIJob, chat_logprobs, generated_logprobs, joined_logprobs,
                                          openai_chunks, vllm_prompt_logprobs)
-from loraserve.api.tool_calls import CallReader, read_message
 from loraserve.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from loraserve.api.openapi import OPENAI_GENERATION_ERRORS
 from loraserve.api.streaming import add_stream_switch_route, sse_events
+from loraserve.api.tool_calls import CallReader, read_message
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.engine.outputs import RequestOutput
 from loraserve.model.tokenizer import Tokenizer

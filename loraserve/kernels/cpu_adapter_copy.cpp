@@ -133,7 +133,8 @@ void write_b(const Destination& destination, torch::Tensor& pool_b, int64_t laye
             for (int64_t index = 0; index < components; ++index) {
                 pool_t* to = rows[component + index] + start;
 #pragma omp simd
-                for (int64_t column = 0; column < count; ++column) to[column] = from_float<pool_t>(tile[index][column] * scale);
+                for (int64_t column = 0; column < count; ++column)
+                    to[column] = from_float<pool_t>(tile[index][column] * scale);
             }
         }
     }
