@@ -12,11 +12,12 @@ adapters the row uses in the server's pool (bfloat16 under a quantized base on t
 Then times a new adapter from the start of its upload to its first streamed token. Prints a table, writes
 adapters.json and adapters.png under --out.
 
-Before the rows, one unmeasured pass brings in --warm-up adapters (from the end of the list, so the rows still
-load theirs from disk) to fill the adapter pool's memory once: the pool is set aside untouched, and on a VM whose
-host backs guest memory lazily, the first write to never-used memory runs ~20x slower than later ones (about
-100 MB/s on the 2-core dev VM). The rows then measure a server that has been up a while; the pass's own time,
-the cost of a first fill, is reported beside them.
+Before the rows, one unmeasured pass brings in adapters from the end of the list (so the rows still load theirs
+from disk) until their pages fill the adapter pool (--warm-up to choose the count): the pool is set aside
+untouched, and on a VM whose host backs guest memory lazily, the first write to never-used memory runs ~20x
+slower than later ones (about 100 MB/s on the 2-core dev VM). The rows then measure a server that has been up a
+while, whose new adapters take pages other adapters have used; the pass's own time, the cost of a first fill,
+is reported beside them.
 """
 import argparse
 import asyncio
@@ -37,8 +38,9 @@ from benchmarks.embedded import weight_bytes_per_step
 from benchmarks.serve_throughput import free_port, make_prompts, start_server
 from loraserve.adapters.format import TARGETS, BaseModelShape
 from loraserve.api.auth import admin_key_from_environment
+from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import resolve_device
-from loraserve.engine.setup import adapter_dtype
+from loraserve.engine.setup import adapter_dtype, adapter_pages
 from loraserve.model.loader import load_model
 
 RANKS = (8, 16, 32, 64)
@@ -59,11 +61,21 @@ def adapter_bytes(rank: int, targets: tuple[str, ...], element_bytes: int) -> in
     return rank * per_layer * EMBEDDED_SHAPE.num_layers * element_bytes
 
 
-def served_bytes(device: str) -> tuple[int, int]:
+def served_bytes(device: str) -> tuple[int, torch.dtype]:
     """What the server reads per step, from the embedded model loaded as the server loads it: the base weights'
-    bytes, and the bytes of one adapter element in the server's pool."""
+    bytes, and the dtype of the adapters in the server's pool."""
     loaded = load_model("embedded", resolve_device(device), None, "auto")
-    return weight_bytes_per_step(loaded.model), adapter_dtype(loaded.model).itemsize
+    return weight_bytes_per_step(loaded.model), adapter_dtype(loaded.model)
+
+
+def adapters_filling_the_pool(pool_dtype: torch.dtype, num_names: int) -> int:
+    """How many adapters, from the end of the list, take as many pages as the server's default pool holds."""
+    pool_pages, taken = adapter_pages(ServerConfig(), EMBEDDED_SHAPE, pool_dtype), 0
+    for count, index in enumerate(reversed(range(num_names)), start=1):
+        taken += kind(index)[0]  # an adapter of rank r takes r pages
+        if taken >= pool_pages:
+            return count
+    return num_names
 
 
 def write_random_adapter(directory: Path, rank: int, seed: int, targets: tuple[str, ...] = tuple(TARGETS)) -> Path:
@@ -216,17 +228,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--counts", type=lambda text: [int(part) for part in text.split(",")],
                         default=[8, 32, 128, 1000])
-    parser.add_argument("--warm-up", type=int, default=160, help="adapters brought in once before the rows")
+    parser.add_argument("--warm-up", type=int, default=None,
+                        help="adapters brought in once before the rows (default: as many as fill the pool)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    args.base_bytes, args.adapter_element_bytes = served_bytes(args.device)
+    args.base_bytes, pool_dtype = served_bytes(args.device)
+    args.adapter_element_bytes = pool_dtype.itemsize
     print(f"served: {args.base_bytes / 1e6:.1f} MB of base weights a step, adapters in "
           f"{args.adapter_element_bytes}-byte elements", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="loraserve-bench-") as scratch:
         print(f"writing {max(args.counts)} adapters...", file=sys.stderr)
         names = place_adapters(Path(scratch) / "store", Path(scratch), max(args.counts))
+        if args.warm_up is None:
+            args.warm_up = adapters_filling_the_pool(pool_dtype, len(names))
         print("starting the server...", file=sys.stderr)
         port = free_port()
         server = start_server(port, "--device", args.device, "--adapter-dir", f"{scratch}/store")

@@ -16,10 +16,11 @@ logger = logging.getLogger(__name__)
 
 
 class AdapterLoader:
-    """`make_resident(key)` loads and places one adapter (True, or False while no slot can be had); `needed(key)`
+    """`make_resident(key, evict_wanted)` loads and places one adapter (True, or False while no slot can be had,
+    taking only slots of adapters no queued request wants unless `evict_wanted`); `needed(key)`
     says whether any request still waits for it; `failed(key, error)` records a load that cannot succeed."""
 
-    def __init__(self, make_resident: Callable[[Hashable], bool], needed: Callable[[Hashable], bool],
+    def __init__(self, make_resident: Callable[[Hashable, bool], bool], needed: Callable[[Hashable], bool],
                  failed: Callable[[Hashable, AdapterError], None]) -> None:
         self._make_resident, self._needed, self._failed = make_resident, needed, failed
         self._wanted: OrderedDict[Hashable, None] = OrderedDict()  # first asked for first
@@ -58,14 +59,16 @@ class AdapterLoader:
                     self._condition.wait()
                 self._changed = False
                 keys = list(self._wanted)
-            for key in keys:
-                if not self._bring_in(key):
-                    break  # no slot for the oldest want: none for the later ones either
+            for index, key in enumerate(keys):
+                if not self._bring_in(key, evict_wanted=index == 0):
+                    break  # no slot for this want: none for the later ones either
 
-    def _bring_in(self, key: Hashable) -> bool:
-        """Load one wanted adapter; False when it must wait for a slot."""
+    def _bring_in(self, key: Hashable, evict_wanted: bool) -> bool:
+        """Load one wanted adapter; False when it must wait for a slot. Only the oldest want may take the slot of
+        an adapter another queued request wants: with wants made as requests arrive, later ones doing so would
+        evict, before their requests could run, adapters loaded for the requests ahead of them."""
         try:
-            if self._needed(key) and not self._make_resident(key):
+            if self._needed(key) and not self._make_resident(key, evict_wanted):
                 return False
         except AdapterNotFoundError:
             pass  # replaced or removed, and nobody holds it any more

@@ -161,27 +161,36 @@ class AdapterRegistry:
         self._loader.want(ref)
         return None
 
-    def make_resident(self, ref: AdapterRef) -> bool:
+    def prefetch(self, ref: AdapterRef) -> None:
+        """Ask the loader to bring the version in now, for a request just queued, so that it is resident by the
+        time the scheduler reaches the request. Never blocks; a version whose load failed is left to `hold`."""
+        with self._lock:
+            if self._tiers.slot(ref) is not None or ref in self._failures:
+                return
+        self._loader.want(ref)
+
+    def make_resident(self, ref: AdapterRef, evict_wanted: bool = True) -> bool:
         """Put the version in a slot and as many pages as its rank: reading disk if its CPU copy was evicted since
         `ensure_loaded`, then taking free ones, else evicting the least recently used adapters no running request
-        holds (first those no queued request wants). False while held adapters leave too little room. Blocks: the
-        loader thread calls it; the copy happens outside the lock, into pages nobody can reach until filled."""
+        holds (those no queued request wants; then, if `evict_wanted`, the others). False while held adapters
+        leave too little room. Blocks: the loader thread calls it; the copy happens outside the lock, into pages
+        nobody can reach until filled."""
         with self._placing:
-            return self._make_resident(ref)
+            return self._make_resident(ref, evict_wanted)
 
-    def _make_resident(self, ref: AdapterRef) -> bool:
+    def _make_resident(self, ref: AdapterRef, evict_wanted: bool) -> bool:
         with self._lock:
             rank = self._version(ref).info.rank
             if self._tiers.slot(ref) is not None:
                 return True
-            if not self._tiers.can_place(rank):
+            if not self._tiers.can_place(rank, evict_wanted):
                 return False
         adapter = self._load(ref)
         with self._lock:
             self._version(ref)
             if self._tiers.slot(ref) is not None:
                 return True
-            placement = self._tiers.reserve(rank)
+            placement = self._tiers.reserve(rank, evict_wanted)
         if placement is None:
             return False
         seconds = self._tiers.fill(*placement, adapter)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from loraserve.adapters.format import BaseModelShape, LoraAdapter
+from loraserve.huge_pages import advise_huge_pages
 from loraserve.kernels import cpu_adapter_copy, cpu_lora
 from loraserve.kernels.lora import LoraWeights
 
@@ -204,6 +205,8 @@ def _allocate(base: BaseModelShape, targets: tuple[str, ...], num_pages: int, nu
     slice_sizes = [base.module_shapes[target][1] for target in targets]
     lora_a = torch.empty(base.num_layers, num_pages, len(targets), in_features, device=device, dtype=dtype)
     lora_b = torch.empty(base.num_layers, num_pages, sum(slice_sizes), device=device, dtype=dtype)
+    advise_huge_pages(lora_a)
+    advise_huge_pages(lora_b)
     lora_a[:, 0].zero_()
     lora_b[:, 0].zero_()
     ranks = torch.zeros(base.num_layers, num_slots, dtype=torch.int32)

@@ -35,6 +35,10 @@ MAX_CONSECUTIVE_CULPRITS = 8
 # A step with nothing to run while requests wait (for their adapters' loads) waits this long at most for news,
 # rather than return at once: a caller stepping in a loop would hold the GIL from the loader it waits for.
 IDLE_WAIT_SECONDS = 0.05
+# While the adapter loader works, a step leaves it a core, and computes at most this many prompt tokens, so that
+# steps stay short (~0.1-0.3 s on one core) and the core comes back soon after the loads end: a 512-token prefill
+# step decided on one core ran on one for a second after the loader had finished.
+LOADING_PREFILL_TOKENS = 128
 
 
 class LLMEngine:
@@ -107,6 +111,7 @@ class LLMEngine:
             sequence.grammar_matcher = self.grammars.matcher(params.grammar)
         if adapter is not None:
             self.adapters.count_request(adapter)
+            self.adapters.prefetch(adapter)
             self.metrics.count_adapter_request(adapter.name)
         self.sequences[request_id] = sequence
         self.scheduler.add(sequence)
@@ -131,8 +136,8 @@ class LLMEngine:
         if self.proposer is not None:
             self._propose()
         self._news.clear()
-        share_cores_with_helper(self.adapters.loading())
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(LOADING_PREFILL_TOKENS if self.adapters.loading() else None)
+        share_cores_with_helper(self.adapters.loading())  # after scheduling, which may have asked for loads
         outputs = [self._failure_output(sequence, error) for sequence, error in self.scheduler.take_failed()]
         self.metrics.preemptions.inc(batch.num_preempted)
         if batch.empty:

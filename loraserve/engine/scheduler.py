@@ -50,22 +50,30 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, prefill_limit: int | None = None) -> ScheduledBatch:
+        """The next step's batch. `prefill_limit` caps the prompt tokens it computes (chunks of running requests
+        and admissions), not the decodes: a step kept short returns sooner to a caller that wants to change how
+        the next one runs."""
         batch = ScheduledBatch([], [])
         budget = self.max_num_batched_tokens
+        prefill_budget = budget if prefill_limit is None else prefill_limit
         index = 0
         while index < len(self.running) and budget > 0:
             sequence = self.running[index]
-            num_new = self._fit_drafts(sequence, budget)
+            prefilling = sequence.num_tokens - sequence.num_computed_tokens > 1
+            num_new = self._fit_drafts(sequence, min(budget, prefill_budget) if prefilling else budget)
+            index += 1
+            if num_new == 0:
+                continue  # a prompt chunk past the prefill limit waits for the next step
             if not self._make_room(sequence, num_new, batch):
                 break  # `sequence` itself was preempted: everyone after it is gone too
             self.block_manager.allocate(sequence, num_new)
             batch.sequences.append(sequence)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
-            index += 1
+            prefill_budget -= num_new if prefilling else 0
         if batch.num_preempted == 0:
-            self._admit_waiting(batch, budget)
+            self._admit_waiting(batch, min(budget, prefill_budget))
         return batch
 
     def _fit_drafts(self, sequence: Sequence, budget: int) -> int:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from loraserve.adapters.errors import AdapterFormatError, AdapterNotFoundError, AdapterTooLargeError
+from loraserve.adapters import format
 from loraserve.adapters.format import inspect_adapter, load_adapter
 from loraserve.adapters.slot_pool import SlotPool
 from loraserve.kernels import cpu_adapter_copy
@@ -116,6 +117,17 @@ def test_broken_adapter_is_refused_with_a_telling_message(make_adapter: Callable
     mutate(directory)
     with pytest.raises(AdapterFormatError, match=re.escape(message)):
         load_adapter(directory, BASE, max_rank=8)
+
+
+def test_a_file_cut_short_while_it_is_read_fails_that_load_alone(make_adapter: Callable[..., Path]) -> None:
+    """Rewritten in place between its header check and its read: a short read names the tensor it ends in (a
+    memory-mapped read would have ended the process with SIGBUS)."""
+    directory = make_adapter()
+    _, tensor_names, _ = format._validate(directory, BASE, max_rank=8)
+    data = (directory / WEIGHTS).read_bytes()
+    (directory / WEIGHTS).write_bytes(data[:len(data) - 64])
+    with pytest.raises(AdapterFormatError, match="the file ends inside tensor"):
+        format._read_weights(directory / WEIGHTS, tensor_names)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

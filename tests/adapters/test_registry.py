@@ -189,6 +189,24 @@ def test_a_slot_nobody_waits_for_is_reused_before_a_less_recent_one_that_queued_
         registry.unpin(refs[name])
 
 
+def test_only_the_oldest_want_takes_a_slot_another_queued_request_wants(make_registry: MakeRegistry,
+                                                                        make_adapter: MakeAdapter) -> None:
+    """Loads start as requests arrive: a later want placed by evicting an adapter loaded for a request ahead of
+    it would undo that load before the request could run. The oldest want may (else it could wait forever)."""
+    registry, _ = make_registry(num_slots=2)
+    refs = {}
+    for seed, name in enumerate("abc"):
+        registry.add(name, make_adapter(seed=seed))
+        refs[name] = registry.resolve(name)  # three queued requests
+    assert registry.make_resident(refs["a"]) and registry.make_resident(refs["b"])
+    assert not registry.make_resident(refs["c"], evict_wanted=False)
+    assert [registry.record(name).tier for name in "abc"] == ["gpu", "gpu", "cpu"]
+    assert registry.make_resident(refs["c"], evict_wanted=True)
+    assert [registry.record(name).tier for name in "abc"] == ["cpu", "gpu", "gpu"]
+    for name in "abc":
+        registry.unpin(refs[name])
+
+
 def test_pages_bound_what_is_resident_whatever_the_ranks(make_registry: MakeRegistry,
                                                         make_adapter: MakeAdapter) -> None:
     """Ten pages, four slots: a rank-8 and a rank-2 adapter fill them; a rank-4 one evicts what it must."""

@@ -167,18 +167,18 @@ def test_a_failing_proposer_leaves_its_request_unspeculated(make):
 
 
 def test_an_adapter_that_cannot_be_read_fails_its_requests_alone(make, adapter_dir, tmp_path):
-    """Its file was damaged after the request was queued and its memory copy evicted: the loader's read fails,
-    and so does the request, while the one beside it runs on."""
+    """Its file was damaged after the request resolved it and its memory copy was evicted: the loader's read
+    fails, and so does the request, while the one beside it runs on."""
     engine = make(False, max_cpu_loras=1, adapter_dir=str(tmp_path / "store"))
     engine.adapters.add_from_path("other", adapter_dir)
     style = engine.adapters.resolve("style")
     engine.adapters.ensure_loaded(style)
-    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-    engine.add_request("doomed", [20, 21, 22], greedy, style)
-    engine.add_request("base", [23, 24, 25], greedy)
     (tmp_path / "store" / "style" / "v1" / "adapter_model.safetensors").write_bytes(b"damaged")
     other = engine.adapters.resolve("other")
     engine.adapters.ensure_loaded(other)  # the one memory copy is now `other`'s
+    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    engine.add_request("doomed", [20, 21, 22], greedy, style)  # its load starts now, and fails
+    engine.add_request("base", [23, 24, 25], greedy)
     outputs: dict[str, list[RequestOutput]] = {"doomed": [], "base": []}
     while engine.has_unfinished_requests():
         for output in engine.step():

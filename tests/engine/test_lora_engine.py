@@ -8,7 +8,7 @@ import torch
 
 import loraserve.adapters.registry as registry_module
 from loraserve.config import ServerConfig
-from loraserve.engine.engine import IDLE_WAIT_SECONDS, LLMEngine
+from loraserve.engine.engine import IDLE_WAIT_SECONDS, LOADING_PREFILL_TOKENS, LLMEngine
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.model.loader import load_model
 from loraserve.model.quantization import quantize
@@ -166,6 +166,31 @@ def test_no_step_waits_for_an_adapter_read(model_dir, adapter_dirs, tmp_path, mo
         for output in engine.step():
             outputs[output.request_id].extend(output.token_ids)
     assert outputs["slow"] == peft_greedy(model_dir, adapter_dirs["attention-r4"], prompt, 6)
+    assert engine.adapters.num_references() == 0 and engine.adapters.num_pins() == 0
+
+
+def test_an_adapter_load_starts_when_its_request_is_queued(model_dir, adapter_dirs, tmp_path, monkeypatch):
+    """Before any step reaches the request (behind 240 prompt tokens) its adapter is being read; while it is,
+    steps keep their prompt chunks short (they run on one core fewer, and give it back soon after)."""
+    loaded = load_model(str(model_dir), torch.device("cpu"), torch.float32)
+    engine = LLMEngine(loaded, ServerConfig(block_size=4, num_kv_blocks=256, max_cpu_loras=1,
+                                            adapter_dir=str(tmp_path)))
+    engine.adapters.add_from_path("late", adapter_dirs["attention-r4"])
+    engine.adapters.add_from_path("other", adapter_dirs["kv-r2"])  # the one memory copy is now `other`'s
+    reading, release = threading.Event(), threading.Event()
+    read = registry_module.load_adapter
+    monkeypatch.setattr(registry_module, "load_adapter", lambda *args: (reading.set(), release.wait(),
+                                                                         read(*args))[2])
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    for index in range(4):
+        engine.add_request(f"base-{index}", list(range(10 + index, 70 + index)), params)
+    engine.add_request("late", PROMPTS[1], params, engine.adapters.resolve("late"))
+    assert reading.wait(10)
+    engine.step()
+    assert sum(sequence.num_computed_tokens for sequence in engine.sequences.values()) == LOADING_PREFILL_TOKENS
+    release.set()
+    while engine.has_unfinished_requests():
+        engine.step()
     assert engine.adapters.num_references() == 0 and engine.adapters.num_pins() == 0
 
 

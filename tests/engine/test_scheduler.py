@@ -31,6 +31,24 @@ def test_long_prompt_is_chunked_and_decodes_share_the_budget():
     assert run_step(scheduler) == {"short": 1, "long": 1}
 
 
+def test_a_prefill_limit_caps_prompt_tokens_but_never_decodes():
+    """What a step computes while the adapter loader borrows a core: prompt chunks up to the limit, every decode."""
+    scheduler = Scheduler(BlockManager(64, 4), max_num_batched_tokens=16, max_num_seqs=8)
+    for name in "ab":
+        scheduler.add(make_sequence(name, 2))
+    assert run_step(scheduler) == {"a": 2, "b": 2}
+    scheduler.add(make_sequence("long", 10))
+    scheduler.add(make_sequence("next", 3))
+    batch = scheduler.schedule(prefill_limit=4)
+    assert {s.request_id: n for s, n in zip(batch.sequences, batch.num_new_tokens)} == {"a": 1, "b": 1, "long": 4}
+    for sequence, num_new in zip(batch.sequences, batch.num_new_tokens):
+        sequence.num_computed_tokens += num_new
+        sequence.token_ids.extend([0] * (sequence.num_computed_tokens == sequence.num_tokens))
+    batch = scheduler.schedule(prefill_limit=0)  # decodes only: the running prompt waits, nobody is admitted
+    assert {s.request_id: n for s, n in zip(batch.sequences, batch.num_new_tokens)} == {"a": 1, "b": 1}
+    assert [s.request_id for s in scheduler.waiting] == ["next"]
+
+
 def test_max_num_seqs_bounds_the_running_batch_and_order_is_first_come():
     scheduler = Scheduler(BlockManager(64, 4), max_num_batched_tokens=100, max_num_seqs=2)
     for name in "abc":
