@@ -175,7 +175,8 @@ def sample(logits: torch.Tensor, sequences: list[Sequence]) -> list[Sampled]:
     wants_logprobs = any(sequence.params.logprobs is not None for sequence in sequences)
     logprobs = logits.log_softmax(dim=-1) if wants_logprobs else logits
     constrained = mask_logits(apply_penalties(logits, rows),
-                              [(sequence.grammar_matcher, sequence.draft_token_ids) for sequence in sequences])
+                              [(sequence.grammar_matcher, sequence.draft_token_ids, sequence.params.greedy)
+                               for sequence in sequences])
     tokens, starts = choose_tokens(constrained, rows, sequences)
     picks = [(start + offset, token, sequence.params.logprobs)
              for sequence, sequence_tokens, start in zip(sequences, tokens, starts)
