@@ -8,7 +8,8 @@ prompts, each with as many tokens as its constrained twin (so both runs hold as 
 ignored. Both greedy, no speculation. The machine's limit is the unconstrained row: a grammar adds its token mask
 (llguidance, per row and step) and the matcher's advance per token.
 
-Then the grammar a chat request with tools runs under `auto` (free text; calls held to the tool's schema), batch 16.
+Then batch 16 sampled at temperature 1 (seeded; twins likewise), and the grammar a chat request with tools runs
+under `auto` (free text; calls held to the tool's schema), batch 16.
 
 Usage: python -m benchmarks.structured [--device auto] [--repeats 5] [--out DIR]
 Prints a table, writes structured.json and structured.png under --out.
@@ -47,7 +48,7 @@ def run(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams
 
 
 def throughput(engine: LLMEngine, prompts: list[list[int]], batch: int, repeats: int, spec: GrammarSpec,
-               max_tokens: int = 200) -> dict[str, float]:
+               max_tokens: int = 200, temperature: float = 0.0) -> dict[str, float]:
     """Constrained and unconstrained runs, alternating `repeats` times; the median of each (this VM's speed drifts
     by 10-20% from run to run, more than the difference measured)."""
     engine.grammars.compile(spec)
@@ -56,11 +57,12 @@ def throughput(engine: LLMEngine, prompts: list[list[int]], batch: int, repeats:
     plain, constrained = [], []
     for _ in range(repeats):
         constrained_tokens, constrained_seconds, _ = run(engine, chosen, [SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, grammar=spec)] * batch)
+            max_tokens=max_tokens, temperature=temperature, seed=index, grammar=spec) for index in range(batch)])
         # Each unconstrained twin writes as many tokens as its constrained request, so both runs hold the same
         # number of requests at every step: the difference is the grammar's cost, not how the lengths spread.
         plain_tokens, plain_seconds, _ = run(engine, chosen, [SamplingParams(
-            max_tokens=max(1, count), temperature=0.0, ignore_eos=True) for count in constrained_tokens])
+            max_tokens=max(1, count), temperature=temperature, seed=index, ignore_eos=True)
+            for index, count in enumerate(constrained_tokens)])
         plain.append(sum(plain_tokens) / plain_seconds)
         constrained.append(sum(constrained_tokens) / constrained_seconds)
     plain_median, constrained_median = statistics.median(plain), statistics.median(constrained)
@@ -127,6 +129,9 @@ def main() -> None:
         print(f"batch {batch}...", file=sys.stderr)
         results["throughput"][batch] = throughput(engine, prompts, batch, args.repeats,
                                                   GrammarSpec("json_schema", json.dumps(SCHEMA)))
+    print("batch 16 sampled at temperature 1...", file=sys.stderr)
+    results["sampled"] = throughput(engine, prompts, 16, args.repeats, GrammarSpec("json_schema", json.dumps(SCHEMA)),
+                                    temperature=1.0)
     print("tools under auto, batch 16...", file=sys.stderr)
     results["auto_tools"] = throughput(engine, prompts, 16, args.repeats, auto_tools_spec(), max_tokens=64)
     results["first_token"] = first_token(engine, prompts[0], seed=int(time.time()))
@@ -134,6 +139,9 @@ def main() -> None:
     for batch, entry in results["throughput"].items():
         print(f"{batch:>5}{entry['unconstrained_tokens_per_second']:>21.1f}"
               f"{entry['constrained_tokens_per_second']:>19.1f}{entry['ratio']:>7.2f}{entry['tokens_per_request']:>8}")
+    sampled = results["sampled"]
+    print(f"batch 16 sampled at temperature 1: {sampled['constrained_tokens_per_second']:.1f} against "
+          f"{sampled['unconstrained_tokens_per_second']:.1f} tok/s, ratio {sampled['ratio']:.2f}")
     auto = results["auto_tools"]
     print(f"tools under auto (free text, calls held to one tool's schema), batch 16: "
           f"{auto['constrained_tokens_per_second']:.1f} against {auto['unconstrained_tokens_per_second']:.1f} tok/s, "
