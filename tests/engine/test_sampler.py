@@ -1,6 +1,6 @@
 import torch
 
-from loraserve.engine.sampler import sample
+from loraserve.engine.sampler import draw, sample
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.sequence import Sequence
 
@@ -55,6 +55,20 @@ def test_sampling_frequencies_follow_the_tempered_distribution():
     expected = (logits[0] / 0.7).softmax(-1)
     total_variation = 0.5 * (counts / draws - expected).abs().sum().item()
     assert total_variation < 0.03
+
+
+def test_a_draw_follows_the_weights_and_never_takes_a_weightless_token():
+    """Three weighted tokens among 50,000 zeros are drawn in proportion and the zeros never; a share of 1e-9 is
+    about never drawn; weights that are not finite still give a token of the vocabulary."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.zeros(50_000)
+    weights[[3, 17, 49_999]] = torch.tensor([1.0, 3.0, 6.0])
+    counts = torch.bincount(torch.stack([draw(weights, generator) for _ in range(20_000)]), minlength=50_000)
+    assert counts.nonzero().flatten().tolist() == [3, 17, 49_999]
+    assert torch.allclose(counts[[3, 17, 49_999]] / 20_000, torch.tensor([0.1, 0.3, 0.6]), atol=0.015)
+    rare = torch.tensor([1.0, 1e-9]).double()
+    assert sum(int(draw(rare, generator)) for _ in range(2000)) <= 1
+    assert 0 <= int(draw(torch.full((8,), float("nan")), generator)) < 8
 
 
 def test_top_k_top_p_and_min_p_never_draw_outside_their_set():
