@@ -24,9 +24,11 @@ PICKLED_WEIGHTS_FILE = "adapter_model.bin"
 SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 ACCEPTED_DTYPES = set(SAFETENSORS_DTYPES)
 # PEFT over LlamaForCausalLM saves base_model.model.model.layers...; over LlamaModel, base_model.model.layers...
-TENSOR_NAME = re.compile(r"base_model\.model\.(?:model\.)?layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight")
+TENSOR_NAME = re.compile(
+    r"base_model\.model\.(?:model\.)?layers\.(\d+)\.(\w+)\.(\w+)\.lora_(?:([AB])\.weight|magnitude_vector)")
+MAGNITUDE = "M"  # a module's DoRA magnitude vector, beside its matrices "A" and "B"
 
-TensorNames = dict[Module, tuple[str, str]]  # each module's (lora_A, lora_B) tensor names
+TensorNames = dict[Module, dict[str, str]]  # each module's tensor names: "A", "B" and, with DoRA, MAGNITUDE
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,12 @@ class AdapterInfo:
     use_rslora: bool
     targets: list[str]  # in TARGETS order
     size_bytes: int  # of the float32 weights once loaded
+    use_dora: bool = dataclasses.field(default=False, kw_only=True)
+
+    @property
+    def num_pages(self) -> int:
+        """Pool pages it takes: one per rank component, and with DoRA one more for its column scales."""
+        return self.rank + self.use_dora
 
     @property
     def scale(self) -> float:
@@ -73,13 +81,18 @@ class LoraAdapter(AdapterInfo):
 
     weights: dict[Module, tuple[torch.Tensor, torch.Tensor]]  # (A [rank, in], B [out, rank])
     module_scales: dict[Module, float] = dataclasses.field(default_factory=dict)  # where patterns set them
+    # DoRA: each module's magnitude vector [out] as stored, until `dora.resolve` turns it into the factor each
+    # output feature is multiplied by, less one (`column_scales`), which needs the base weights.
+    magnitudes: dict[Module, torch.Tensor] = dataclasses.field(default_factory=dict)
+    column_scales: dict[Module, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def scale_of(self, module: Module) -> float:
         return self.module_scales.get(module, self.scale)
 
     def info(self) -> AdapterInfo:
         """The description alone, to keep after the weights are dropped."""
-        return AdapterInfo(self.rank, self.alpha, self.use_rslora, self.targets, self.size_bytes)
+        return AdapterInfo(self.rank, self.alpha, self.use_rslora, self.targets, self.size_bytes,
+                           use_dora=self.use_dora)
 
 
 def inspect_adapter(directory: Path, base: BaseModelShape, max_rank: int) -> AdapterInfo:
@@ -89,8 +102,9 @@ def inspect_adapter(directory: Path, base: BaseModelShape, max_rank: int) -> Ada
 
 def load_adapter(directory: Path, base: BaseModelShape, max_rank: int) -> LoraAdapter:
     info, tensor_names, settings = _validate(directory, base, max_rank)
-    weights = _read_weights(directory / WEIGHTS_FILE, tensor_names)
-    return LoraAdapter(**dataclasses.asdict(info), weights=weights, module_scales=settings.module_scales)
+    weights, magnitudes = _read_weights(directory / WEIGHTS_FILE, tensor_names)
+    return LoraAdapter(**dataclasses.asdict(info), weights=weights, module_scales=settings.module_scales,
+                       magnitudes=magnitudes)
 
 
 def adapter_files(directory: Path) -> list[Path]:
@@ -112,17 +126,19 @@ def _validate(directory: Path, base: BaseModelShape, max_rank: int
               ) -> tuple[AdapterInfo, TensorNames, LoraSettings]:
     config_path, weights_path = adapter_files(directory)
     settings = read_lora_settings(config_path, base.num_layers, max_rank)
-    tensor_names = _check_header(weights_path, settings.module_ranks, base)
+    tensor_names = _check_header(weights_path, settings.module_ranks, base, settings.use_dora)
     targets = [target for target in TARGETS if any(target == module[1] for module in settings.modules)]
     size_bytes = sum(rank * sum(base.module_shapes[target]) * 4
                      for (_, target), rank in settings.module_ranks.items())
-    info = AdapterInfo(settings.rank, settings.alpha, settings.use_rslora, targets, size_bytes)
+    info = AdapterInfo(settings.rank, settings.alpha, settings.use_rslora, targets, size_bytes,
+                       use_dora=settings.use_dora)
     return info, tensor_names, settings
 
 
-def _check_header(path: Path, module_ranks: dict[Module, int], base: BaseModelShape) -> TensorNames:
+def _check_header(path: Path, module_ranks: dict[Module, int], base: BaseModelShape, use_dora: bool
+                  ) -> TensorNames:
     """Tensor names by module, after checking every name, dtype and shape (each module's at its own rank), and
-    that each module has A and B."""
+    that each module has A and B, and a magnitude vector exactly when the config asks for DoRA."""
     modules = module_ranks.keys()
     found: dict[Module, dict[str, str]] = {}
     try:
@@ -132,6 +148,9 @@ def _check_header(path: Path, module_ranks: dict[Module, int], base: BaseModelSh
                 if module not in modules:
                     raise AdapterFormatError(f"tensor {name!r} adapts layer {module[0]} {module[1]}, which "
                                              f"target_modules/layers_to_transform in {CONFIG_FILE} do not target")
+                if matrix == MAGNITUDE and not use_dora:
+                    raise AdapterFormatError(f"tensor {name!r} is a DoRA magnitude vector, but {CONFIG_FILE} does "
+                                             f"not set use_dora")
                 if matrix in found.setdefault(module, {}):
                     raise AdapterFormatError(f"tensors {found[module][matrix]!r} and {name!r} are the same matrix")
                 found[module][matrix] = name
@@ -141,19 +160,20 @@ def _check_header(path: Path, module_ranks: dict[Module, int], base: BaseModelSh
     except (SafetensorError, OSError) as error:
         raise AdapterFormatError(f"{path.name} is not a readable safetensors file: {error}") from error
     for layer, target in sorted(modules):
-        for matrix in "AB":
+        for matrix in ("A", "B", MAGNITUDE) if use_dora else ("A", "B"):
             if matrix not in found.get((layer, target), {}):
+                suffix = "magnitude_vector" if matrix == MAGNITUDE else f"{matrix}.weight"
                 raise AdapterFormatError(f"missing tensor base_model.model.model.layers.{layer}.{TARGETS[target]}."
-                                         f"{target}.lora_{matrix}.weight")
-    return {module: (names["A"], names["B"]) for module, names in found.items()}
+                                         f"{target}.lora_{suffix}")
+    return found
 
 
 def _parse_tensor_name(name: str, base: BaseModelShape) -> tuple[Module, str]:
     match = TENSOR_NAME.fullmatch(name)
     if match is None:
         raise AdapterFormatError(f"unexpected tensor {name!r}; expected base_model.model.model.layers.<layer>."
-                                 f"<self_attn|mlp>.<projection>.lora_<A|B>.weight")
-    layer, parent, target, matrix = int(match[1]), match[2], match[3], match[4]
+                                 f"<self_attn|mlp>.<projection>.lora_<A|B>.weight or .lora_magnitude_vector")
+    layer, parent, target, matrix = int(match[1]), match[2], match[3], match[4] or MAGNITUDE
     if TARGETS.get(target) != parent:
         raise AdapterFormatError(f"tensor {name!r} adapts {parent}.{target}; adapters may target only "
                                  f"{', '.join(TARGETS)}")
@@ -168,23 +188,26 @@ def _check_tensor(name: str, dtype: str, shape: list[int], module: Module, matri
     if dtype not in ACCEPTED_DTYPES:
         raise AdapterFormatError(f"tensor {name!r} has dtype {dtype}; accepted: {', '.join(sorted(ACCEPTED_DTYPES))}")
     in_features, out_features = base.module_shapes[module[1]]
-    expected = [rank, in_features] if matrix == "A" else [out_features, rank]
+    expected = {"A": [rank, in_features], "B": [out_features, rank], MAGNITUDE: [out_features]}[matrix]
     if list(shape) != expected:
         raise AdapterFormatError(f"tensor {name!r} has shape {list(shape)}, expected {expected} (rank {rank}; the "
                                  f"base model's {module[1]} maps {in_features} to {out_features} features)")
 
 
-def _read_weights(path: Path, tensor_names: TensorNames) -> dict[Module, tuple[torch.Tensor, torch.Tensor]]:
-    """The tensors as stored (their dtype kept: the slot pool converts them as it copies), after one check for NaN
-    and infinities over all of them."""
+def _read_weights(path: Path, tensor_names: TensorNames
+                  ) -> tuple[dict[Module, tuple[torch.Tensor, torch.Tensor]], dict[Module, torch.Tensor]]:
+    """The matrices and the DoRA magnitude vectors (if any) as stored (their dtype kept: the slot pool converts
+    them as it copies), after one check for NaN and infinities over all of them."""
     try:
-        tensors = _read_tensors(path, [name for pair in tensor_names.values() for name in pair])
+        tensors = _read_tensors(path, [name for names in tensor_names.values() for name in names.values()])
     except (ValueError, KeyError, OSError) as error:
         raise AdapterFormatError(f"{path.name} is not a readable safetensors file: {error}") from error
     names = list(tensors)
     if (bad := cpu_adapter_copy.first_non_finite(list(tensors.values()))) is not None:
         raise AdapterFormatError(f"tensor {names[bad]!r} holds NaN or infinite values")
-    return {module: (tensors[name_a], tensors[name_b]) for module, (name_a, name_b) in tensor_names.items()}
+    weights = {module: (tensors[names["A"]], tensors[names["B"]]) for module, names in tensor_names.items()}
+    magnitudes = {module: tensors[names[MAGNITUDE]] for module, names in tensor_names.items() if MAGNITUDE in names}
+    return weights, magnitudes
 
 
 def _read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:

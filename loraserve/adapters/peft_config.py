@@ -1,6 +1,7 @@
 """What a PEFT adapter_config.json asks for, checked against what we serve: LoRA on the seven projections of a
 Llama decoder layer, with per-module ranks and alphas (`rank_pattern`, `alpha_pattern`) resolved as PEFT resolves
-them. Options that would change the math otherwise are refused by name, never silently ignored."""
+them, and DoRA (`use_dora`). Options that would change the math otherwise are refused by name, never silently
+ignored."""
 import json
 import math
 import re
@@ -20,7 +21,7 @@ TARGETS: dict[str, str] = {
 }
 # Config options that change the forward pass beyond y += s * x A^T B^T; any truthy value is refused.
 UNSUPPORTED_OPTIONS: dict[str, str] = {
-    "use_dora": "DoRA", "modules_to_save": "fully trained extra modules (modules_to_save)",
+    "modules_to_save": "fully trained extra modules (modules_to_save)",
     "lora_bias": "a bias on lora_B (lora_bias)", "fan_in_fan_out": "transposed weights (fan_in_fan_out)",
     "exclude_modules": "exclude_modules", "layer_replication": "layer replication",
     "trainable_token_indices": "trainable token embeddings", "target_parameters": "parameter targets",
@@ -38,6 +39,7 @@ class LoraSettings:
     modules: frozenset[Module]  # every (layer, target) the adapter must carry weights for
     module_ranks: dict[Module, int]  # each module's rank: `r`, or the rank_pattern entry matching its name
     module_scales: dict[Module, float]  # each module's alpha / r (or alpha / sqrt(r) with rsLoRA), patterns applied
+    use_dora: bool  # each module also carries a magnitude vector (DoRA)
 
 
 def read_lora_settings(path: Path, num_layers: int, max_rank: int) -> LoraSettings:
@@ -54,7 +56,10 @@ def read_lora_settings(path: Path, num_layers: int, max_rank: int) -> LoraSettin
         raise AdapterTooLargeError(f"rank {largest} exceeds the server's max LoRA rank {max_rank}")
     scales = {module: alphas[module] / (math.sqrt(ranks[module]) if use_rslora else ranks[module])
               for module in modules}
-    return LoraSettings(largest, alpha, use_rslora, modules, ranks, scales)
+    use_dora = config.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        raise AdapterFormatError(f"use_dora must be true or false, got {use_dora!r}")
+    return LoraSettings(largest, alpha, use_rslora, modules, ranks, scales, use_dora)
 
 
 def module_name(layer: int, target: str) -> str:

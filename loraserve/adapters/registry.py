@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraserve.adapters import dora
 from loraserve.adapters.errors import AdapterError, AdapterNotFoundError
 from loraserve.adapters.format import AdapterInfo, BaseModelShape, LoraAdapter, inspect_adapter, load_adapter
 from loraserve.adapters.loader import AdapterLoader
@@ -60,11 +61,13 @@ class _Version:
 class AdapterRegistry:
     def __init__(self, adapter_dir: Path, base: BaseModelShape, pool: SlotPool, max_cpu_loras: int,
                  max_rank: int, listener: AdapterEventListener | None = None, max_bytes: int = 2**63,
-                 on_change: Callable[[], None] = lambda: None) -> None:
-        """`on_change` is called, from the loader's thread, when an adapter became resident or failed to load."""
+                 on_change: Callable[[], None] = lambda: None, base_weight: dora.BaseWeight | None = None) -> None:
+        """`on_change` is called, from the loader's thread, when an adapter became resident or failed to load;
+        `base_weight(layer, projection)` gives the base model's weights DoRA adapters are resolved against."""
         self._store = AdapterStore(adapter_dir)
         self._on_change = on_change
         self._base, self._max_rank, self._max_bytes = base, max_rank, max_bytes
+        self._base_weight = base_weight
         self._lock = threading.Lock()
         self._placing = threading.Lock()  # one placement at a time (the loader's, or a caller's), never the step's
         self._versions: dict[AdapterRef, _Version] = {}  # current versions, and old ones still in use
@@ -180,17 +183,17 @@ class AdapterRegistry:
 
     def _make_resident(self, ref: AdapterRef, evict_wanted: bool) -> bool:
         with self._lock:
-            rank = self._version(ref).info.rank
+            num_pages = self._version(ref).info.num_pages
             if self._tiers.slot(ref) is not None:
                 return True
-            if not self._tiers.can_place(rank, evict_wanted):
+            if not self._tiers.can_place(num_pages, evict_wanted):
                 return False
         adapter = self._load(ref)
         with self._lock:
             self._version(ref)
             if self._tiers.slot(ref) is not None:
                 return True
-            placement = self._tiers.reserve(rank, evict_wanted)
+            placement = self._tiers.reserve(num_pages, evict_wanted)
         if placement is None:
             return False
         seconds = self._tiers.fill(*placement, adapter)
@@ -244,7 +247,7 @@ class AdapterRegistry:
         hold_helper_to_one_thread()  # a worker thread's tensor work, kept out of an OpenMP team of its own
         start = time.perf_counter()
         try:
-            adapter = load_adapter(staging, self._base, self._max_rank)
+            adapter = dora.resolve(load_adapter(staging, self._base, self._max_rank), self._base, self._base_weight)
         except AdapterError:
             self._store.discard(staging)
             raise
@@ -319,13 +322,14 @@ class AdapterRegistry:
     def _read(self, ref: AdapterRef, directory: Path) -> LoraAdapter:
         """A version retired while it was read has moved (it moves once), so read it again where it went."""
         try:
-            return load_adapter(directory, self._base, self._max_rank)
+            adapter = load_adapter(directory, self._base, self._max_rank)
         except AdapterError:
             with self._lock:
                 moved_to = self._version(ref).directory  # freed meanwhile: report that, not the files it lost
             if moved_to == directory:
                 raise
-            return load_adapter(moved_to, self._base, self._max_rank)
+            adapter = load_adapter(moved_to, self._base, self._max_rank)
+        return dora.resolve(adapter, self._base, self._base_weight)
 
     def _record(self, ref: AdapterRef) -> AdapterRecord:
         entry = self._versions[ref]

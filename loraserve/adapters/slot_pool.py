@@ -46,9 +46,9 @@ class ProjectionPool:
     ranks: torch.Tensor  # [layers, slots] int32 on the CPU: each slot's rank in each layer, 0 where not adapted
     slice_sizes: list[int]
 
-    def layer(self, layer: int, slot_pages: torch.Tensor) -> LoraWeights:
+    def layer(self, layer: int, slot_pages: torch.Tensor, scale_pages: torch.Tensor) -> LoraWeights:
         return LoraWeights(self.lora_a[layer], self.lora_b[layer], slot_pages, self.slice_sizes,
-                           self.ranks[layer].tolist(), self.ranks[layer])
+                           self.ranks[layer].tolist(), self.ranks[layer], scale_pages)
 
 
 class SlotPool:
@@ -59,10 +59,12 @@ class SlotPool:
                  dtype: torch.dtype) -> None:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.slot_pages = torch.zeros(num_slots, max_rank, dtype=torch.int64, device=device)
+        self.scale_pages = torch.zeros(num_slots, dtype=torch.int64)  # a DoRA slot's column-scale page, else 0
         self._pools = {projection: _allocate(base, targets, num_pages + 1, num_slots, device, dtype)
                        for projection, targets in FUSED_PROJECTIONS.items()}
         self.layer_weights: list[dict[str, LoraWeights]] = [
-            {projection: pool.layer(layer, self.slot_pages) for projection, pool in self._pools.items()}
+            {projection: pool.layer(layer, self.slot_pages, self.scale_pages)
+             for projection, pool in self._pools.items()}
             for layer in range(base.num_layers)
         ]
         self._free_pages = list(range(num_pages, 0, -1))  # page 0 is the zero page
@@ -90,21 +92,28 @@ class SlotPool:
         self._free_pages.sort(reverse=True)  # a stack with the lowest page on top
 
     def write(self, slot: int, pages: list[int], adapter: LoraAdapter) -> None:
-        """Copy the adapter into `pages` (one per rank component) and point the slot at them."""
-        assert len(pages) == adapter.rank <= self.max_rank, f"rank {adapter.rank}, {len(pages)} pages"
+        """Copy the adapter into `pages` (one per rank component, then a DoRA adapter's column scales) and point
+        the slot at them."""
+        assert len(pages) == adapter.num_pages and adapter.rank <= self.max_rank, f"{adapter}, {len(pages)} pages"
+        assert not adapter.magnitudes, "a DoRA adapter's magnitudes are resolved (dora.resolve) before it is placed"
+        pages, scale_page = pages[:adapter.rank], pages[adapter.rank] if adapter.use_dora else 0
         index = torch.tensor(pages, device=self.slot_pages.device)
         for projection, pool in self._pools.items():
+            if scale_page:
+                _write_column_scales(pool, scale_page, adapter, FUSED_PROJECTIONS[projection])
             bounds = self.layer_weights[0][projection].slice_bounds
             ranks = _fill_pages(pool, pages, adapter, FUSED_PROJECTIONS[projection], bounds,
                                 only_adapted_layers=not self.writes_every_layer)
             self._set_ranks(projection, slot, [ranks.get(layer, 0) for layer in range(len(self.layer_weights))])
         self.slot_pages[slot] = 0
         self.slot_pages[slot, :adapter.rank] = index
+        self.scale_pages[slot] = scale_page
 
     def clear(self, slot: int) -> None:
         """Point the slot at nothing; its pages are the caller's to return."""
         assert 0 <= slot < self.num_slots, f"slot {slot} outside 0..{self.num_slots - 1}"
         self.slot_pages[slot] = 0
+        self.scale_pages[slot] = 0
         for projection in self._pools:
             self._set_ranks(projection, slot, [0] * len(self.layer_weights))
 
@@ -143,6 +152,16 @@ def _fill_pages(pool: ProjectionPool, pages: list[int], adapter: LoraAdapter, ta
         _write_with_torch(pool, pages, adapter, targets, slice_bounds, layers_of,
                           None if only_adapted_layers else list(range(num_layers)))
     return ranks
+
+
+def _write_column_scales(pool: ProjectionPool, page: int, adapter: LoraAdapter, targets: tuple[str, ...]) -> None:
+    """A DoRA adapter's g - 1 for each output column of the projection, in the B part of its scale page, in every
+    layer (zero where it does not adapt a slice: those columns are left as they are)."""
+    num_layers = pool.lora_b.shape[0]
+    zero = {target: torch.zeros(size) for target, size in zip(targets, pool.slice_sizes)}
+    scales = torch.stack([torch.cat([adapter.column_scales.get((layer, target), zero[target]) for target in targets])
+                          for layer in range(num_layers)])
+    pool.lora_b[:, page] = scales.to(pool.lora_b)
 
 
 def _write_with_torch(pool: ProjectionPool, pages: list[int], adapter: LoraAdapter, targets: tuple[str, ...],

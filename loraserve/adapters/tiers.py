@@ -67,23 +67,23 @@ class AdapterTiers:
             self._slots.move_to_end(key)
         return self._slots[key][0] if key in self._slots else None
 
-    def can_place(self, rank: int, evict_wanted: bool) -> bool:
-        """Whether a slot and `rank` pages are free, or can be freed from adapters no running request holds (and,
-        unless `evict_wanted` is set, no queued request wants)."""
-        return self._evictions_for(rank, evict_wanted) is not None
+    def can_place(self, num_pages: int, evict_wanted: bool) -> bool:
+        """Whether a slot and `num_pages` pages are free, or can be freed from adapters no running request holds
+        (and, unless `evict_wanted` is set, no queued request wants)."""
+        return self._evictions_for(num_pages, evict_wanted) is not None
 
-    def reserve(self, rank: int, evict_wanted: bool) -> tuple[int, list[int]] | None:
-        """A free slot and `rank` free pages, evicting least recently used adapters no running request holds (first
-        those no queued request wants; the others only if `evict_wanted`) until there are; None, evicting nothing,
-        if the adapters it may not evict leave too little room. Fill them with `fill`, outside the caller's lock,
-        then `occupy` or `free` them."""
-        victims = self._evictions_for(rank, evict_wanted)
+    def reserve(self, num_pages: int, evict_wanted: bool) -> tuple[int, list[int]] | None:
+        """A free slot and `num_pages` free pages, evicting least recently used adapters no running request holds
+        (first those no queued request wants; the others only if `evict_wanted`) until there are; None, evicting
+        nothing, if the adapters it may not evict leave too little room. Fill them with `fill`, outside the caller's
+        lock, then `occupy` or `free` them."""
+        victims = self._evictions_for(num_pages, evict_wanted)
         if victims is None:
             return None
         for victim in victims:
             self.free(*self._slots.pop(victim))
             self._listener.adapter_evicted("gpu")
-        return self._free_slots.pop(), self._pool.take_pages(rank)
+        return self._free_slots.pop(), self._pool.take_pages(num_pages)
 
     def fill(self, slot: int, pages: list[int], adapter: LoraAdapter) -> float:
         """Copy the adapter into a reserved slot and pages; returns the seconds it took."""
@@ -109,16 +109,16 @@ class AdapterTiers:
     def slots_in_use(self) -> int:
         return len(self._slots)
 
-    def _evictions_for(self, rank: int, evict_wanted: bool) -> list[Hashable] | None:
-        """The adapters to evict, in order, to free a slot and `rank` pages; None if it cannot be done."""
+    def _evictions_for(self, num_pages: int, evict_wanted: bool) -> list[Hashable] | None:
+        """The adapters to evict, in order, to free a slot and `num_pages` pages; None if it cannot be done."""
         unheld = [key for key in self._slots if not self._in_use(key)]
         candidates = [key for key in unheld if not self._wanted(key)]
         if evict_wanted:
             candidates += [key for key in unheld if self._wanted(key)]
         victims, slots, pages = [], len(self._free_slots), self._pool.num_free_pages
         for key in candidates:
-            if slots and pages >= rank:
+            if slots and pages >= num_pages:
                 break
             victims.append(key)
             slots, pages = slots + 1, pages + len(self._slots[key][1])
-        return victims if slots and pages >= rank else None
+        return victims if slots and pages >= num_pages else None

@@ -63,7 +63,7 @@ class LLMEngine:
         self._news = threading.Event()  # an adapter placed or failed, or (`notify`) a request arrived
         self.adapters = AdapterRegistry(directory, base, slots, config.max_cpu_loras, config.max_lora_rank,
                                         listener=self.metrics, max_bytes=config.max_adapter_bytes,
-                                        on_change=self._news.set)
+                                        on_change=self._news.set, base_weight=loaded.model.projection_weight)
         self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             self._capture_graphs(config.max_num_seqs)

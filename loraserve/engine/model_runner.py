@@ -46,6 +46,11 @@ class ModelRunner:
         graphs.capture()
         self.graphs = graphs
 
+    def _scaled(self, token_slots: list[int]) -> bool:
+        """Whether a token's adapter is DoRA: its column scales are applied eagerly, never in a graph."""
+        scale_pages = self.lora_weights[0]["qkv_proj"].scale_pages if self.lora_weights else None
+        return scale_pages is not None and any(scale_pages[slot] for slot in set(token_slots) if slot >= 0)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
         """Compute the batch's new tokens. Return the logits of the sequences whose chunk reaches their last
@@ -56,7 +61,7 @@ class ModelRunner:
         input_ids, positions, metadata, query_ends = self._prepare(batch)
         token_slots = [sequence.lora_slot for sequence, num_new in zip(batch.sequences, batch.num_new_tokens)
                        for _ in range(num_new)]
-        if self.graphs is not None and self.graphs.fits(batch.num_new_tokens):
+        if self.graphs is not None and self.graphs.fits(batch.num_new_tokens) and not self._scaled(token_slots):
             hidden = self.graphs.run(input_ids, positions, metadata, token_slots)
         else:
             lora = LoraMapping.from_token_slots(token_slots, self.device)

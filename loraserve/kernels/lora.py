@@ -6,7 +6,7 @@ a slot (a resident adapter) is the list of its pages. Tokens are grouped by slot
 `add_lora` dispatches: grouped Triton kernels on CUDA, the grouped C++ kernel on the CPU (`cpu_lora.py`); the
 per-slot reference here is what both are tested against, and what the CPU runs until its kernel is built.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -25,6 +25,8 @@ class LoraWeights:
     ranks: list[int]  # each slot's rank in this projection: 0 if empty or not adapted here
     rank_table: torch.Tensor | None = None  # the same as int32 on the CPU, for the C++ kernel; kept in step by
     # the slot pool, or made from `ranks` when not given
+    scale_pages: torch.Tensor | None = None  # [num_slots] int64 on the CPU: the page whose B part holds a DoRA
+    # slot's column scales (g - 1), 0 for other slots; one tensor for every projection and layer
 
     def __post_init__(self) -> None:
         if self.rank_table is None:
@@ -67,9 +69,23 @@ class LoraMapping:
                   for slot, rows in sorted(rows_by_slot.items())]
         return cls(groups)
 
+    _scaled: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
     @property
     def empty(self) -> bool:
         return not self.groups
+
+    def scaled(self, scale_pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows of tokens whose slot has DoRA column scales, and each row's scale page; None if no slot does.
+        Worked out at the first projection of a step, which every other one shares."""
+        if self._scaled is None:
+            device = self.groups[0][1].device if self.groups else torch.device("cpu")
+            pages = scale_pages[[slot for slot, _ in self.groups]].tolist() if self.groups else []
+            scaled = [(rows, page) for (_, rows), page in zip(self.groups, pages) if page]
+            rows = torch.cat([rows for rows, _ in scaled]) if scaled else torch.empty(0, dtype=torch.int64)
+            repeated = torch.tensor([page for rows, page in scaled for _ in range(rows.shape[0])], dtype=torch.int64)
+            self._scaled = (rows.to(device), repeated.to(device))
+        return self._scaled if self._scaled[0].numel() else None
 
     @property
     def num_groups(self) -> int:
@@ -127,6 +143,10 @@ class PaddedLoraMapping:
     def num_groups(self) -> int:
         return self.group_slots.shape[0]
 
+    def scaled(self, scale_pages: torch.Tensor) -> None:
+        """None: a step with DoRA slots never replays a graph (the runner runs it eagerly)."""
+        return None
+
     @property
     def max_group_len(self) -> int:
         return self.sorted_rows.shape[0]
@@ -146,6 +166,18 @@ def add_lora(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights,
         add_lora_triton(output, x, weights, mapping)
     else:
         add_lora_cpu(output, x, weights, mapping)
+
+
+def scale_columns(output: torch.Tensor, weights: LoraWeights, mapping: LoraMapping | PaddedLoraMapping) -> None:
+    """DoRA: the rows of tokens whose slot has column scales times 1 + g - 1, column by column, after the LoRA
+    delta was added (y = g * (W x + s B A x))."""
+    scaled = mapping.scaled(weights.scale_pages) if weights.scale_pages is not None else None
+    if scaled is None:
+        return
+    rows, pages = scaled
+    selected = output.index_select(0, rows)
+    selected.addcmul_(selected, weights.lora_b.index_select(0, pages).to(selected.dtype))
+    output.index_copy_(0, rows, selected)
 
 
 def add_lora_cpu(output: torch.Tensor, x: torch.Tensor, weights: LoraWeights, mapping: LoraMapping) -> None:

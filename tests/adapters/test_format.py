@@ -96,7 +96,9 @@ BROKEN_ADAPTERS: dict[str, tuple[Callable[[Path], None], str]] = {
     "unknown target": (lambda d: edit_config(d, target_modules=["q_proj", "embed_tokens"]),
                        "target module 'embed_tokens' is not supported"),
     "regex matches nothing": (lambda d: edit_config(d, target_modules=".*lm_head"), "matches none"),
-    "DoRA": (lambda d: edit_config(d, use_dora=True), "DoRA"),
+    "DoRA without magnitudes": (lambda d: edit_config(d, use_dora=True), "lora_magnitude_vector"),
+    "magnitude without DoRA": (_retensor(lambda t: t.update({Q_A.replace("lora_A.weight", "lora_magnitude_vector"):
+                                                             torch.ones(64)})), "does not set use_dora"),
     "bias": (lambda d: edit_config(d, bias="all"), "bias='all'"),
     "modules_to_save": (lambda d: edit_config(d, modules_to_save=["lm_head"]), "modules_to_save"),
     "rank_pattern rank zero": (lambda d: edit_config(d, rank_pattern={"q_proj": 0}), "rank_pattern must map"),
@@ -145,12 +147,18 @@ def test_a_non_finite_weight_is_named_by_either_check(make_adapter: Callable[...
 
 
 def test_adapters_made_by_peft_with_unsupported_features_are_refused(make_adapter: Callable[..., Path]) -> None:
-    with pytest.raises(AdapterFormatError, match="DoRA"):
-        load_adapter(make_adapter(use_dora=True), BASE, max_rank=8)
     with pytest.raises(AdapterFormatError, match="modules_to_save"):
         load_adapter(make_adapter(modules_to_save=["lm_head"]), BASE, max_rank=8)
     with pytest.raises(AdapterFormatError, match="'embed_tokens' is not supported"):
         load_adapter(make_adapter(targets=["embed_tokens"]), BASE, max_rank=8)
+
+
+def test_dora_adapters_load_with_their_magnitudes_and_take_a_page_more(make_adapter: Callable[..., Path]) -> None:
+    adapter = load_adapter(make_adapter(use_dora=True), BASE, max_rank=8)
+    assert adapter.use_dora and adapter.num_pages == adapter.rank + 1
+    assert set(adapter.magnitudes) == set(adapter.weights)
+    assert all(magnitude.shape == (BASE.module_shapes[target][1],)
+               for (_, target), magnitude in adapter.magnitudes.items())
 
 
 def test_rank_above_max_rank_is_too_large(make_adapter: Callable[..., Path]) -> None:

@@ -207,6 +207,15 @@ def test_only_the_oldest_want_takes_a_slot_another_queued_request_wants(make_reg
         registry.unpin(refs[name])
 
 
+def test_a_dora_adapter_needs_the_base_weights(make_registry: MakeRegistry, make_adapter: MakeAdapter) -> None:
+    """DoRA's column scales are computed from the base weights when the adapter is read: a registry the engine
+    gave none refuses it by name (the engine always gives them)."""
+    registry, _ = make_registry()
+    with pytest.raises(AdapterFormatError, match="DoRA adapter needs the base model's weights"):
+        registry.add("dora", make_adapter(use_dora=True))
+    assert registry.records() == []
+
+
 def test_pages_bound_what_is_resident_whatever_the_ranks(make_registry: MakeRegistry,
                                                         make_adapter: MakeAdapter) -> None:
     """Ten pages, four slots: a rank-8 and a rank-2 adapter fill them; a rank-4 one evicts what it must."""

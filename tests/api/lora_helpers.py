@@ -41,7 +41,12 @@ def save_random_adapter(model_dir: Path, directory: Path, seed: int, rank: int =
     torch.manual_seed(seed)
     options.setdefault("lora_alpha", rank)
     config = LoraConfig(r=rank, target_modules=targets, init_lora_weights=False, **options)
-    get_peft_model(load_base(model_dir), config).save_pretrained(directory)
+    model = get_peft_model(load_base(model_dir), config)
+    with torch.no_grad():  # DoRA starts with magnitudes equal to the adapted weights' norms; training moves them
+        for name, parameter in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(torch.empty_like(parameter).uniform_(0.5, 1.5))
+    model.save_pretrained(directory)
     return directory
 
 

@@ -12,16 +12,17 @@ from tests.api.lora_helpers import encode, generated_ids, peft_greedy, save_rand
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["the quick brown fox", "hello world, hello there", "paged attention caches keys"]
+PROMPTS = ["the quick brown fox", "hello world, hello there", "paged attention caches keys", "magnitude and direction"]
 NAMES = [f"select-{index}" for index in range(len(PROMPTS))]
 NUM_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
 def adapters(adapter_server, tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """Three random adapters, uploaded; the last with PEFT's per-module rank and alpha patterns."""
+    """Four random adapters, uploaded: two plain, one with PEFT's per-module rank and alpha patterns, one DoRA."""
     directory = tmp_path_factory.mktemp("selection")
-    options = [{}, {}, dict(rank_pattern={"q_proj": 4, "down_proj": 16}, alpha_pattern={"v_proj": 32})]
+    options = [{}, {}, dict(rank_pattern={"q_proj": 4, "down_proj": 16}, alpha_pattern={"v_proj": 32}),
+               dict(use_dora=True, targets=["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"])]
     saved = {name: save_random_adapter(tiny_model_dir, directory / name, seed=seed, **options[seed])
              for seed, name in enumerate(NAMES)}
     for name, adapter_dir in saved.items():

@@ -24,6 +24,8 @@ ADAPTERS = {
     # alphas by module ("layers.1.mlp.down_proj" matches at a dot, as PEFT's get_pattern_key does).
     "patterns-r8": dict(rank=8, lora_alpha=16, rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 16},
                         alpha_pattern={"v_proj": 32, "up_proj": 3, "down_proj": 5}),
+    # DoRA: q and v share a fused projection with k, which it leaves alone; gate shares one with up.
+    "dora-r4": dict(rank=4, lora_alpha=8, use_dora=True, targets=["q_proj", "v_proj", "gate_proj", "down_proj"]),
 }
 PROMPTS = [[5, 17, 42, 9], [100, 3, 3, 250, 61, 7, 11], [8] * 13, [300, 200, 100], [12, 13, 14, 15, 16, 17]]
 
@@ -45,7 +47,7 @@ def adapter_dirs(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 @pytest.fixture(scope="module")
 def engine(model_dir: Path, adapter_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> LLMEngine:
     loaded = load_model(str(model_dir), torch.device("cpu"), torch.float32)
-    config = ServerConfig(block_size=4, num_kv_blocks=256, max_loras=5, max_lora_rank=16,
+    config = ServerConfig(block_size=4, num_kv_blocks=256, max_loras=6, max_lora_rank=16,
                           adapter_dir=str(tmp_path_factory.mktemp("registry")))
     engine = LLMEngine(loaded, config)
     for name, directory in adapter_dirs.items():

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraserve.kernels.lora import LoraMapping, LoraWeights, add_lora
+from loraserve.kernels.lora import LoraMapping, LoraWeights, add_lora, scale_columns
 
 
 @dataclass
@@ -17,8 +17,10 @@ class LayerLora:
 
 
 def project(linear: nn.Linear, x: torch.Tensor, lora: LayerLora | None, name: str) -> torch.Tensor:
-    """The base projection, plus the adapter deltas when some token in the batch has an adapter."""
+    """The base projection, plus the adapter deltas when some token in the batch has an adapter (scaled column by
+    column for DoRA adapters)."""
     output = linear(x)
     if lora is not None:
         add_lora(output, x, lora.weights[name], lora.mapping)
+        scale_columns(output, lora.weights[name], lora.mapping)
     return output
