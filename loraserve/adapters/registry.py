@@ -61,13 +61,13 @@ class _Version:
 class AdapterRegistry:
     def __init__(self, adapter_dir: Path, base: BaseModelShape, pool: SlotPool, max_cpu_loras: int,
                  max_rank: int, listener: AdapterEventListener | None = None, max_bytes: int = 2**63,
-                 on_change: Callable[[], None] = lambda: None, base_weight: dora.BaseWeight | None = None) -> None:
+                 on_change: Callable[[], None] = lambda: None, base_weights: dora.BaseWeights | None = None) -> None:
         """`on_change` is called, from the loader's thread, when an adapter became resident or failed to load;
-        `base_weight(layer, projection)` gives the base model's weights DoRA adapters are resolved against."""
+        `base_weights` are what DoRA adapters are resolved against."""
         self._store = AdapterStore(adapter_dir)
         self._on_change = on_change
         self._base, self._max_rank, self._max_bytes = base, max_rank, max_bytes
-        self._base_weight = base_weight
+        self._base_weights = base_weights
         self._lock = threading.Lock()
         self._placing = threading.Lock()  # one placement at a time (the loader's, or a caller's), never the step's
         self._versions: dict[AdapterRef, _Version] = {}  # current versions, and old ones still in use
@@ -247,7 +247,7 @@ class AdapterRegistry:
         hold_helper_to_one_thread()  # a worker thread's tensor work, kept out of an OpenMP team of its own
         start = time.perf_counter()
         try:
-            adapter = dora.resolve(load_adapter(staging, self._base, self._max_rank), self._base, self._base_weight)
+            adapter = dora.resolve(load_adapter(staging, self._base, self._max_rank), self._base, self._base_weights)
         except AdapterError:
             self._store.discard(staging)
             raise
@@ -329,7 +329,7 @@ class AdapterRegistry:
             if moved_to == directory:
                 raise
             adapter = load_adapter(moved_to, self._base, self._max_rank)
-        return dora.resolve(adapter, self._base, self._base_weight)
+        return dora.resolve(adapter, self._base, self._base_weights)
 
     def _record(self, ref: AdapterRef) -> AdapterRecord:
         entry = self._versions[ref]

@@ -20,8 +20,8 @@ from loraserve.engine.sampler import Sampled, sample
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.scheduler import ScheduledBatch, Scheduler
 from loraserve.engine.sequence import Sequence, SequenceStatus
-from loraserve.engine.setup import (adapter_base_shape, adapter_directory, adapter_dtype, adapter_pages,
-                                 kv_cache_blocks, make_proposer)
+from loraserve.engine.setup import (ProjectionWeights, adapter_base_shape, adapter_directory, adapter_dtype,
+                                 adapter_pages, kv_cache_blocks, make_proposer)
 from loraserve.engine.stop_checker import StopChecker
 from loraserve.engine.validation import validate_request
 from loraserve.intra_op_threads import share_cores_with_helper
@@ -63,7 +63,8 @@ class LLMEngine:
         self._news = threading.Event()  # an adapter placed or failed, or (`notify`) a request arrived
         self.adapters = AdapterRegistry(directory, base, slots, config.max_cpu_loras, config.max_lora_rank,
                                         listener=self.metrics, max_bytes=config.max_adapter_bytes,
-                                        on_change=self._news.set, base_weight=loaded.model.projection_weight)
+                                        on_change=self._news.set,
+                                        base_weights=ProjectionWeights(loaded.model))
         self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             self._capture_graphs(config.max_num_seqs)

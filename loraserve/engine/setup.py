@@ -1,6 +1,7 @@
 """What an engine is built from, decided once at start-up: the KV cache's size, the proposer, and what adapters
 must fit and where they live."""
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from loraserve.engine.model_runner import kv_block_bytes
 from loraserve.engine.proposers import NgramProposer, Proposer
 from loraserve.model.config import ModelConfig
 from loraserve.model.layers.quantized_linear import QuantizedLinear
+from loraserve.model.llama import LlamaModel
 from loraserve.model.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -85,3 +87,31 @@ def adapter_directory(config: ServerConfig) -> tuple[Path, ScratchAdapterDirecto
     scratch = ScratchAdapterDirectory()
     logger.warning("no --adapter-dir: uploaded adapters go to %s and do not survive a restart", scratch.path)
     return scratch.path, scratch
+
+
+class ProjectionWeights:
+    """The base model's projections as DoRA adapters are resolved against (`adapters/dora.py`): each projection's
+    squared row norms, kept once an adapter asked (about a megabyte for the embedded model), and the projection
+    applied to rows. The norms come from the projection applied to the identity, which gives back its weight as
+    its kernel sees it (exactly what a quantized layer's codes stand for: one non-zero input per row) on any
+    device and for any layer kind."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        self._model = model
+        self._device = next(model.parameters()).device
+        self._norms: dict[tuple[int, str], torch.Tensor] = {}
+        self._lock = threading.Lock()  # the loader's thread and upload workers resolve adapters
+
+    def row_norms(self, layer: int, projection: str) -> torch.Tensor:
+        with self._lock:
+            if (layer, projection) not in self._norms:
+                in_features = self._model.projection(layer, projection).in_features
+                weight = self.project(layer, projection, torch.eye(in_features)).double()  # [in, out]: W^T
+                self._norms[(layer, projection)] = weight.square().sum(dim=0)
+            return self._norms[(layer, projection)]
+
+    @torch.no_grad()
+    def project(self, layer: int, projection: str, inputs: torch.Tensor) -> torch.Tensor:
+        linear = self._model.projection(layer, projection)
+        dtype = linear.weight.dtype if isinstance(linear, nn.Linear) else torch.float32
+        return linear(inputs.to(self._device, dtype)).float().cpu()

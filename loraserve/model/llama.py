@@ -83,12 +83,10 @@ class LlamaModel(nn.Module):
             return self.quantized_head(hidden).float()
         return F.linear(hidden, self.head_weight).float()
 
-    def projection_weight(self, layer: int, projection: str) -> torch.Tensor:
-        """A fused projection's weight (qkv_proj, o_proj, gate_up_proj or down_proj) in float32, [out, in]:
-        what its codes stand for when it is quantized. DoRA adapters are resolved against it."""
+    def projection(self, layer: int, name: str) -> nn.Module:
+        """A layer's fused projection: qkv_proj, o_proj, gate_up_proj or down_proj."""
         decoder = self.layers[layer]
-        linear = getattr(decoder.self_attn if projection in ("qkv_proj", "o_proj") else decoder.mlp, projection)
-        return linear.dequantized() if isinstance(linear, QuantizedLinear) else linear.weight.float()
+        return getattr(decoder.self_attn if name in ("qkv_proj", "o_proj") else decoder.mlp, name)
 
     @property
     def head_weight(self) -> torch.Tensor:
