@@ -5,8 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-from tests.adapters.helpers import save_peft_adapter
+from loraserve.adapters.registry import AdapterRegistry
+from loraserve.adapters.slot_pool import SlotPool
+from tests.adapters.helpers import BASE, MAX_RANK, EventLog, MakeRegistry, save_peft_adapter
 
 
 @pytest.fixture(scope="session")
@@ -30,4 +33,15 @@ def make_adapter(saved_adapter: Callable[..., Path], tmp_path: Path) -> Callable
 
     def make(**settings: Any) -> Path:
         return Path(shutil.copytree(saved_adapter(**settings), tmp_path / f"source{next(counter)}"))
+    return make
+
+
+@pytest.fixture
+def make_registry(tmp_path: Path) -> MakeRegistry:
+    """A registry over tmp_path/adapters, and its slot pool to look into."""
+    def make(num_slots: int = 2, max_cpu_loras: int = 4, listener: EventLog | None = None,
+             num_pages: int | None = None) -> tuple[AdapterRegistry, SlotPool]:
+        pool = SlotPool(BASE, num_slots, num_pages or num_slots * MAX_RANK, MAX_RANK, torch.device("cpu"),
+                        torch.float32)
+        return AdapterRegistry(tmp_path / "adapters", BASE, pool, max_cpu_loras, MAX_RANK, listener), pool
     return make

@@ -1,5 +1,6 @@
 """Tiny random Llama LoRA adapters, made and saved by PEFT itself, and readers of what PEFT saved."""
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraserve.adapters.format import BaseModelShape
 from loraserve.adapters.registry import AdapterRef, AdapterRegistry
+from loraserve.adapters.slot_pool import SlotPool
 
 BASE = BaseModelShape.for_llama(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
                                 head_dim=16)
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+MAX_RANK = 8  # of the registries the tests make (`make_registry`)
+MakeRegistry = Callable[..., tuple[AdapterRegistry, SlotPool]]
+MakeAdapter = Callable[..., Path]
 
 
 def make_peft_model(seed: int = 0, rank: int = 4, alpha: float = 8, targets: Any = ("q_proj", "v_proj"),
@@ -55,3 +60,26 @@ def acquire(registry: AdapterRegistry, ref: AdapterRef) -> int | None:
     """What the engine gets once the loader has done its part: the version made resident and its slot held (None
     while every slot is held). Calls `hold` only when resident, so no loader thread starts behind the test."""
     return registry.hold(ref) if registry.make_resident(ref) else None
+
+
+class EventLog:
+    """A registry listener that records loads and evictions by tier."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def adapter_loaded(self, tier: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.events.append(("loaded", tier))
+
+    def adapter_evicted(self, tier: str) -> None:
+        self.events.append(("evicted", tier))
+
+
+def slot_q_a(pool: SlotPool, slot: int) -> torch.Tensor:
+    """Layer 0's q_proj A as written in the slot's pages (rank 4 rows); zero once the slot is freed."""
+    return pool.layer_weights[0]["qkv_proj"].lora_a[pool.slot_pages[slot, :4], 0]
+
+
+def peft_q_a(directory: Path) -> torch.Tensor:
+    return read_tensors(directory)[tensor_name(0, "q_proj", "A")]
