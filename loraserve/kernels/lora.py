@@ -57,6 +57,7 @@ class LoraMapping:
     """Which tokens of the flat batch use which slot; tokens with no adapter are in no group."""
 
     groups: list[tuple[int, torch.Tensor]]  # (slot, row indices of its tokens), one entry per active slot
+    _scaled: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_token_slots(cls, token_slots: list[int], device: torch.device) -> "LoraMapping":
@@ -68,8 +69,6 @@ class LoraMapping:
         groups = [(slot, torch.tensor(rows, dtype=torch.int64, device=device))
                   for slot, rows in sorted(rows_by_slot.items())]
         return cls(groups)
-
-    _scaled: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def empty(self) -> bool:
@@ -83,7 +82,8 @@ class LoraMapping:
             pages = scale_pages[[slot for slot, _ in self.groups]].tolist() if self.groups else []
             scaled = [(rows, page) for (_, rows), page in zip(self.groups, pages) if page]
             rows = torch.cat([rows for rows, _ in scaled]) if scaled else torch.empty(0, dtype=torch.int64)
-            repeated = torch.tensor([page for rows, page in scaled for _ in range(rows.shape[0])], dtype=torch.int64)
+            counts = torch.tensor([rows.shape[0] for rows, _ in scaled], dtype=torch.int64)
+            repeated = torch.tensor([page for _, page in scaled], dtype=torch.int64).repeat_interleave(counts)
             self._scaled = (rows.to(device), repeated.to(device))
         return self._scaled if self._scaled[0].numel() else None
 
