@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 
 from benchmarks.embedded import weight_bytes_per_step
 from benchmarks.serve_throughput import free_port, make_prompts, start_server
-from loraserve.adapters.format import TARGETS, BaseModelShape
+from loraserve.adapters.adapter_info import BaseModelShape
+from loraserve.adapters.lora_config import TARGETS
 from loraserve.api.auth import admin_key_from_environment
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import resolve_device

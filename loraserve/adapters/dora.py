@@ -15,7 +15,9 @@ from typing import Protocol
 import torch
 
 from loraserve.adapters.errors import AdapterFormatError
-from loraserve.adapters.format import BaseModelShape, LoraAdapter
+from loraserve.adapters.adapter_info import BaseModelShape
+from loraserve.adapters.format import Adapter
+from loraserve.adapters.lora_format import LoraAdapter
 from loraserve.adapters.slot_pool import FUSED_PROJECTIONS
 
 
@@ -31,10 +33,10 @@ class BaseWeights(Protocol):
         ...
 
 
-def resolve(adapter: LoraAdapter, base: BaseModelShape, weights: BaseWeights | None) -> LoraAdapter:
+def resolve(adapter: Adapter, base: BaseModelShape, weights: BaseWeights | None) -> Adapter:
     """The adapter with each DoRA module's column scales (g - 1) computed and its magnitudes dropped; a plain
     LoRA adapter unchanged."""
-    if not adapter.magnitudes:
+    if not isinstance(adapter, LoraAdapter) or not adapter.magnitudes:
         return adapter
     if weights is None:
         raise AdapterFormatError("a DoRA adapter needs the base model's weights, which this registry was not given")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from loraserve.adapters import dora
 from loraserve.adapters.errors import AdapterError, AdapterNotFoundError
-from loraserve.adapters.format import AdapterInfo, BaseModelShape, LoraAdapter, inspect_adapter, load_adapter
+from loraserve.adapters.adapter_info import AdapterInfo, BaseModelShape
+from loraserve.adapters.format import Adapter, inspect_adapter, load_adapter
 from loraserve.adapters.loader import AdapterLoader
 from loraserve.adapters.server_path import checked_source_files
 from loraserve.adapters.slot_pool import SlotPool
@@ -45,6 +46,8 @@ class AdapterRecord:
     tier: str  # the highest it sits in: "disk", "cpu" or "gpu"
     requests_served: int  # since this process started
     created_at: float
+    kind: str  # adapter_info.LORA, PROMPT_TUNING or PREFIX_TUNING
+    num_virtual_tokens: int
 
 
 @dataclass
@@ -107,6 +110,11 @@ class AdapterRegistry:
     def record(self, name: str) -> AdapterRecord:
         with self._lock:
             return self._record(self._current_ref(name))
+
+    def info(self, ref: AdapterRef) -> AdapterInfo:
+        """What a pinned version is: its kind, and the virtual tokens it puts before a prompt."""
+        with self._lock:
+            return self._version(ref).info
 
     def count_request(self, ref: AdapterRef) -> None:
         with self._lock:
@@ -305,7 +313,7 @@ class AdapterRegistry:
                 self._failures[ref] = error
         self._on_change()
 
-    def _load(self, ref: AdapterRef) -> LoraAdapter:
+    def _load(self, ref: AdapterRef) -> Adapter:
         """The CPU copy; when the cache has none, read from disk outside the lock (a slow load blocks no one)."""
         with self._lock:
             directory = self._version(ref).directory
@@ -319,7 +327,7 @@ class AdapterRegistry:
             self._tiers.keep_cpu_copy(ref, adapter, time.perf_counter() - start)
         return adapter
 
-    def _read(self, ref: AdapterRef, directory: Path) -> LoraAdapter:
+    def _read(self, ref: AdapterRef, directory: Path) -> Adapter:
         """A version retired while it was read has moved (it moves once), so read it again where it went."""
         try:
             adapter = load_adapter(directory, self._base, self._max_rank)
@@ -333,5 +341,7 @@ class AdapterRegistry:
 
     def _record(self, ref: AdapterRef) -> AdapterRecord:
         entry = self._versions[ref]
-        return AdapterRecord(ref.name, ref.version, entry.info.rank, entry.info.alpha, list(entry.info.targets),
-                             entry.info.size_bytes, self._tiers.tier(ref), entry.requests_served, entry.created_at)
+        info = entry.info
+        return AdapterRecord(ref.name, ref.version, info.rank, info.alpha, list(info.targets), info.size_bytes,
+                             self._tiers.tier(ref), entry.requests_served, entry.created_at, info.kind,
+                             info.num_virtual_tokens)

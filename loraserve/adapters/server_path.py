@@ -10,8 +10,8 @@ import stat
 from pathlib import Path
 
 from loraserve.adapters.errors import AdapterFormatError, AdapterTooLargeError
-from loraserve.adapters.format import WEIGHTS_FILE
-from loraserve.adapters.peft_config import CONFIG_FILE
+from loraserve.adapters.config_checks import WEIGHTS_FILE
+from loraserve.adapters.config_checks import CONFIG_FILE
 
 NOT_AN_ADAPTER = (f"lora_path does not lead to an adapter this server can read: a directory holding {CONFIG_FILE} "
                   f"and {WEIGHTS_FILE} (pickled weights are refused) as regular files, no link leading out of it")

@@ -5,13 +5,18 @@ A page holds one rank component of one adapter in every layer: for each fused pr
 as one) its A row for each slice, and its B column, scaled, in the slice's own output columns. An adapter of rank
 r takes r pages, so adapters of any rank share the pool without padding, and the pool's size is a memory budget,
 not a count of adapters. A slot (a resident adapter) is its row of the page table; past its rank the row points
-at page 0, which stays zero. Pages are made with `torch.empty`: memory is touched only as adapters fill it.
+at page 0, which stays zero. Pages are made with `torch.empty`: memory is touched only as adapters fill it. A
+prompt-learning adapter takes a slot and no pages: its virtual tokens' rows (a few kilobytes to a few megabytes)
+sit in `virtual_tokens`, one entry per slot.
 """
 from dataclasses import dataclass
 
 import torch
 
-from loraserve.adapters.format import BaseModelShape, LoraAdapter
+from loraserve.adapters.adapter_info import BaseModelShape
+from loraserve.adapters.format import Adapter
+from loraserve.adapters.lora_format import LoraAdapter
+from loraserve.adapters.prompt_learning import PromptLearningAdapter, VirtualTokens
 from loraserve.huge_pages import advise_huge_pages
 from loraserve.kernels import cpu_adapter_copy, cpu_lora
 from loraserve.kernels.lora import LoraWeights
@@ -60,6 +65,8 @@ class SlotPool:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.slot_pages = torch.zeros(num_slots, max_rank, dtype=torch.int64, device=device)
         self.scale_pages = torch.zeros(num_slots, dtype=torch.int64)  # a DoRA slot's column-scale page, else 0
+        self.virtual_tokens: list[VirtualTokens | None] = [None] * num_slots  # a prompt-learning slot's, else None
+        self.device = device
         self._pools = {projection: _allocate(base, targets, num_pages + 1, num_slots, device, dtype)
                        for projection, targets in FUSED_PROJECTIONS.items()}
         self.layer_weights: list[dict[str, LoraWeights]] = [
@@ -83,6 +90,8 @@ class SlotPool:
         """The lowest free pages, ascending: mostly one run of consecutive pages, which `write` fills in a few
         strided copies."""
         assert count <= len(self._free_pages), f"{count} pages asked for, {len(self._free_pages)} free"
+        if count == 0:
+            return []
         taken = self._free_pages[:-count - 1:-1]
         del self._free_pages[-count:]
         return taken
@@ -91,9 +100,13 @@ class SlotPool:
         self._free_pages.extend(pages)
         self._free_pages.sort(reverse=True)  # a stack with the lowest page on top
 
-    def write(self, slot: int, pages: list[int], adapter: LoraAdapter) -> None:
+    def write(self, slot: int, pages: list[int], adapter: Adapter) -> None:
         """Copy the adapter into `pages` (one per rank component, then a DoRA adapter's column scales) and point
-        the slot at them."""
+        the slot at them; a prompt-learning adapter's virtual tokens go to the device beside them."""
+        if isinstance(adapter, PromptLearningAdapter):
+            assert not pages, f"a prompt-learning adapter takes no pages, got {len(pages)}"
+            self.virtual_tokens[slot] = adapter.virtual_tokens.to(self.device)
+            return
         assert len(pages) == adapter.num_pages and adapter.rank <= self.max_rank, f"{adapter}, {len(pages)} pages"
         assert not adapter.magnitudes, "a DoRA adapter's magnitudes are resolved (dora.resolve) before it is placed"
         pages, scale_page = pages[:adapter.rank], pages[adapter.rank] if adapter.use_dora else 0
@@ -114,6 +127,7 @@ class SlotPool:
         assert 0 <= slot < self.num_slots, f"slot {slot} outside 0..{self.num_slots - 1}"
         self.slot_pages[slot] = 0
         self.scale_pages[slot] = 0
+        self.virtual_tokens[slot] = None
         for projection in self._pools:
             self._set_ranks(projection, slot, [0] * len(self.layer_weights))
 

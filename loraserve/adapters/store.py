@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraserve.adapters.errors import AdapterError, AdapterFormatError, AdapterNameError
-from loraserve.adapters.format import AdapterInfo, BaseModelShape, adapter_files, inspect_adapter
+from loraserve.adapters.adapter_info import AdapterInfo, BaseModelShape
+from loraserve.adapters.format import adapter_files, inspect_adapter
 from loraserve.adapters.server_path import copy_regular_file
 
 logger = logging.getLogger(__name__)

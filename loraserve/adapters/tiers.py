@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Protocol
 
-from loraserve.adapters.format import LoraAdapter
+from loraserve.adapters.format import Adapter
 from loraserve.adapters.slot_pool import SlotPool
 
 
@@ -38,19 +38,19 @@ class AdapterTiers:
                  wanted: Callable[[Hashable], bool], listener: AdapterEventListener | None) -> None:
         self._pool, self._max_cpu_loras, self._in_use, self._wanted = pool, max_cpu_loras, in_use, wanted
         self._listener = listener or _Unheard()
-        self._cpu: OrderedDict[Hashable, LoraAdapter] = OrderedDict()  # least recently used first
+        self._cpu: OrderedDict[Hashable, Adapter] = OrderedDict()  # least recently used first
         self._slots: OrderedDict[Hashable, tuple[int, list[int]]] = OrderedDict()  # slot and pages, LRU first
         self._free_slots = list(range(pool.num_slots))
 
     def tier(self, key: Hashable) -> str:
         return "gpu" if key in self._slots else "cpu" if key in self._cpu else "disk"
 
-    def cpu_copy(self, key: Hashable) -> LoraAdapter | None:
+    def cpu_copy(self, key: Hashable) -> Adapter | None:
         if key in self._cpu:
             self._cpu.move_to_end(key)
         return self._cpu.get(key)
 
-    def keep_cpu_copy(self, key: Hashable, adapter: LoraAdapter, seconds: float) -> None:
+    def keep_cpu_copy(self, key: Hashable, adapter: Adapter, seconds: float) -> None:
         """Cache a copy read in `seconds`, evicting least recently used ones beyond max_cpu_loras."""
         self._cpu[key] = adapter
         self._cpu.move_to_end(key)
@@ -85,7 +85,7 @@ class AdapterTiers:
             self._listener.adapter_evicted("gpu")
         return self._free_slots.pop(), self._pool.take_pages(num_pages)
 
-    def fill(self, slot: int, pages: list[int], adapter: LoraAdapter) -> float:
+    def fill(self, slot: int, pages: list[int], adapter: Adapter) -> float:
         """Copy the adapter into a reserved slot and pages; returns the seconds it took."""
         start = time.perf_counter()
         self._pool.write(slot, pages, adapter)

@@ -21,4 +21,5 @@ def adapter_object(record: AdapterRecord) -> dict:
     """An adapter as the admin routes show it; `id` is the name requests select it by."""
     return {"id": record.name, "object": "adapter", "version": record.version, "rank": record.rank,
             "alpha": record.alpha, "targets": list(record.targets), "size_bytes": record.size_bytes,
-            "tier": record.tier, "requests_served": record.requests_served, "created_at": int(record.created_at)}
+            "tier": record.tier, "requests_served": record.requests_served, "created_at": int(record.created_at),
+            "kind": record.kind, "num_virtual_tokens": record.num_virtual_tokens}

@@ -39,6 +39,19 @@ def select_adapter(engine: AsyncEngine, name: str | None, param: str) -> Adapter
         raise ModelNotFoundError(name, param) from error
 
 
+def context_left(engine: AsyncEngine, prompt: list[int], adapter_name: str | None) -> int:
+    """The context the prompt leaves for output, after the named adapter's virtual tokens (prompt learning): the
+    default max_tokens of routes whose output may fill the context. An unknown name leaves `select_adapter` to
+    refuse it; a version uploaded in between is checked again, pinned, when the request is submitted."""
+    num_virtual_tokens = 0
+    if adapter_name and adapter_name != engine.model_name:
+        try:
+            num_virtual_tokens = engine.adapters.record(adapter_name).num_virtual_tokens
+        except AdapterNotFoundError:
+            pass
+    return max(1, engine.max_model_len - num_virtual_tokens - len(prompt))
+
+
 async def tokenize(engine: AsyncEngine, text: str, add_special_tokens: bool = True, bounded: bool = True
                    ) -> list[int]:
     """A prompt's token ids, computed in a worker thread: a long text takes seconds, and the event loop must go

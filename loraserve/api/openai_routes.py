@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 
 from loraserve.api.errors import InvalidRequestError
-from loraserve.api.generation import (Generation, engine_of, new_request_id, select_adapter, submit, tokenize,
-                                   tokenize_chat, unless_disconnected)
+from loraserve.api.generation import (Generation, context_left, engine_of, new_request_id, select_adapter, submit,
+                                   tokenize, tokenize_chat, unless_disconnected)
 from loraserve.api.openai_format import (OpenAIJob, chat_logprobs, generated_logprobs, joined_logprobs,
                                          openai_chunks, vllm_prompt_logprobs)
 from loraserve.api.openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -54,7 +54,7 @@ async def submitted_chat(body: ChatCompletionRequest,
                                   "tool_choice")
     prompt = await tokenize_chat(engine, [message.as_template_input() for message in body.messages],
                                  body.template_tools())
-    max_tokens = body.token_limit or max(1, engine.max_model_len - len(prompt))
+    max_tokens = body.token_limit or context_left(engine, prompt, body.model)
     params = [body.sampling_params(max_tokens, body.logprobs_count, i, body.prompt_logprobs) for i in range(body.n)]
     request_id = new_request_id("chatcmpl")
     await engine.prepare_grammar(body.grammar_spec)

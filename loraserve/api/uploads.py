@@ -10,8 +10,8 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from loraserve.adapters.errors import AdapterFormatError, AdapterTooLargeError
-from loraserve.adapters.format import WEIGHTS_FILE
-from loraserve.adapters.peft_config import CONFIG_FILE
+from loraserve.adapters.config_checks import WEIGHTS_FILE
+from loraserve.adapters.config_checks import CONFIG_FILE
 from loraserve.api.errors import InvalidRequestError
 
 NAME_FIELD = "name"

@@ -182,7 +182,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine stopped after an internal error")
         if self.draining:
             raise ShuttingDownError("the server is shutting down; send the request to another replica")
-        self.engine.validate(prompt_token_ids, params)
+        self.engine.validate(prompt_token_ids, params, adapter)
         if len(self.engine.scheduler.waiting) + len(self._pending_adds) >= self.max_queue:
             raise QueueFullError(f"{self.max_queue} requests are already waiting; try again later")
         request_id = request_id or uuid.uuid4().hex

@@ -78,7 +78,7 @@ whoever shares it then only reads it, and writes past it."""
 
     def block_key(self, sequence: Sequence, index: int, parent_digest: bytes) -> BlockKey:
         start = index * self.block_size
-        return BlockKey(parent_digest, tuple(sequence.token_ids[start:start + self.block_size]), sequence.adapter)
+        return BlockKey(parent_digest, tuple(sequence.tokens_between(start, start + self.block_size)), sequence.adapter)
 
     def cached_prefix(self, sequence: Sequence) -> tuple[int, ...]:
         """The cached blocks holding the longest run of `sequence`'s leading full blocks. The block with its last

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from loraserve.adapters.adapter_info import PREFIX_TUNING
 from loraserve.adapters.registry import AdapterRef, AdapterRegistry
 from loraserve.adapters.slot_pool import SlotPool
 from loraserve.config import ServerConfig
@@ -65,7 +66,8 @@ class LLMEngine:
                                         listener=self.metrics, max_bytes=config.max_adapter_bytes,
                                         on_change=self._news.set,
                                         base_weights=ProjectionWeights(loaded.model))
-        self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights)
+        self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights,
+                                  slots.virtual_tokens)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             self._capture_graphs(config.max_num_seqs)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching, self.metrics)
@@ -90,9 +92,15 @@ class LLMEngine:
         logger.info("captured CUDA graphs of decode steps for batch sizes %s in %.1f s", self.runner.graphs.sizes,
                     time.monotonic() - started)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Refuse what can never run; raises RequestValidationError with a message for the client."""
-        validate_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, adapter: AdapterRef | None = None
+                 ) -> None:
+        """Refuse what can never run; raises RequestValidationError with a message for the client. `adapter`
+        (pinned) counts its virtual tokens into the context."""
+        validate_request(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len,
+                         self._num_virtual_tokens(adapter))
+
+    def _num_virtual_tokens(self, adapter: AdapterRef | None) -> int:
+        return 0 if adapter is None else self.adapters.info(adapter).num_virtual_tokens
 
     def notify(self) -> None:
         """Thread-safe: new work is on its way, so a step waiting for news returns now."""
@@ -102,12 +110,15 @@ class LLMEngine:
                     adapter: AdapterRef | None = None) -> None:
         """Queue a request. An adapter comes pinned by the caller (`resolve` or `pin`), so no upload or delete
         can free its version first; the request owns that pin from here, and drops it when it ends."""
-        self.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params, adapter)
         if request_id in self.sequences:
             raise RequestValidationError(f"request id {request_id!r} is already in use")
         generator = torch.Generator(device=self.runner.device)
         generator.manual_seed(params.seed if params.seed is not None else self.seed_source.getrandbits(63))
         sequence = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, generator, adapter)
+        if adapter is not None:
+            info = self.adapters.info(adapter)
+            sequence.num_virtual_tokens, sequence.virtual_kv_given = info.num_virtual_tokens, info.kind == PREFIX_TUNING
         if params.grammar is not None:
             sequence.grammar_matcher = self.grammars.matcher(params.grammar)
         if adapter is not None:

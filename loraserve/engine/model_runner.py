@@ -1,13 +1,14 @@
 """Turns a scheduled batch into flat tensors, runs the model over the paged KV cache, returns logits."""
 import torch
 
+from loraserve.adapters.prompt_learning import VirtualTokens
 from loraserve.kernels.attention import AttentionMetadata
 from loraserve.kernels.lora import LoraMapping, LoraWeights
 from loraserve.engine.cuda_graphs import DecodeGraphs
 from loraserve.engine.outputs import TokenLogprob
 from loraserve.engine.prompt_scoring import score_prompts
 from loraserve.engine.scheduler import ScheduledBatch
-from loraserve.engine.sequence import Sequence
+from loraserve.engine.sequence import VIRTUAL_TOKEN, Sequence
 from loraserve.model.config import ModelConfig
 from loraserve.model.llama import LlamaModel
 
@@ -20,12 +21,15 @@ def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> 
 
 
 class ModelRunner:
-    """Owns the model and its KV cache, and reads the adapter slots the registry fills; one call per step."""
+    """Owns the model and its KV cache, and reads the adapter slots the registry fills (LoRA pages, and the
+    virtual tokens of prompt-learning adapters, by slot); one call per step."""
 
     def __init__(self, model: LlamaModel, config: ModelConfig, num_blocks: int, block_size: int,
-                 lora_weights: list[dict[str, LoraWeights]]) -> None:
+                 lora_weights: list[dict[str, LoraWeights]],
+                 virtual_tokens: list[VirtualTokens | None] | None = None) -> None:
         self.model = model
         self.lora_weights = lora_weights
+        self.virtual_tokens = virtual_tokens or []
         self.block_size = block_size
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -58,14 +62,19 @@ class ModelRunner:
         the prompt tokens' scores of the sequences that asked, by index. A sampling sequence gets a row for each
         new position from its last verified token on, in order: the logits that verify its drafts, then the
         one after them (a single row without drafts)."""
+        self._write_given_kv(batch.sequences)
         input_ids, positions, metadata, query_ends = self._prepare(batch)
-        token_slots = [sequence.lora_slot for sequence, num_new in zip(batch.sequences, batch.num_new_tokens)
-                       for _ in range(num_new)]
-        if self.graphs is not None and self.graphs.fits(batch.num_new_tokens) and not self._scaled(token_slots):
+        embeddings = self._virtual_embeddings(batch, query_ends)
+        token_slots = [slot for sequence, num_new in zip(batch.sequences, batch.num_new_tokens)
+                       for slot in [self._lora_slot(sequence)] * num_new]
+        if self.graphs is not None and self.graphs.fits(batch.num_new_tokens) and not self._scaled(token_slots) \
+                and embeddings is None:
             hidden = self.graphs.run(input_ids, positions, metadata, token_slots)
         else:
             lora = LoraMapping.from_token_slots(token_slots, self.device)
-            hidden = self.model(input_ids, positions, metadata, self.kv_caches, self.lora_weights, lora)
+            hidden = self.model(input_ids, positions, metadata, self.kv_caches, self.lora_weights, lora, embeddings)
+        for sequence in batch.sequences:
+            sequence.pending_virtual_kv = None  # written, and the step that reads it has run
         sampling = [
             index for index, (sequence, num_new) in enumerate(zip(batch.sequences, batch.num_new_tokens))
             if sequence.num_computed_tokens + num_new == sequence.num_tokens + len(sequence.draft_token_ids)
@@ -86,6 +95,43 @@ class ModelRunner:
         end = sequence.num_computed_tokens + num_new
         return end - max(sequence.num_computed_tokens, sequence.num_tokens - 1)
 
+    def _lora_slot(self, sequence: Sequence) -> int:
+        """The slot whose LoRA pages the sequence's tokens read: none for a prompt-learning adapter's."""
+        slot = sequence.adapter_slot
+        return slot if slot >= 0 and (slot >= len(self.virtual_tokens) or self.virtual_tokens[slot] is None) else -1
+
+    def _write_given_kv(self, sequences: list[Sequence]) -> None:
+        """Write a prefix-tuning adapter's keys and values, as they are, at the virtual positions a newly admitted
+        sequence did not find in the prefix cache (`pending_virtual_kv`)."""
+        for sequence in sequences:
+            if sequence.pending_virtual_kv is None:
+                continue
+            start, end = sequence.pending_virtual_kv
+            key_values = self.virtual_tokens[sequence.adapter_slot].key_values  # [layers, 2, virtual, width]
+            table = sequence.block_table
+            slots = torch.tensor([table[p // self.block_size] * self.block_size + p % self.block_size
+                                  for p in range(start, end)], dtype=torch.int64, device=self.device)
+            for layer, caches in enumerate(self.kv_caches):
+                for cache, given in zip(caches, key_values[layer]):
+                    flat = cache.view(-1, *cache.shape[2:])
+                    flat.index_copy_(0, slots, given[start:end].view(-1, *cache.shape[2:]).to(cache.dtype))
+
+    def _virtual_embeddings(self, batch: ScheduledBatch, query_ends: list[int]
+                            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, embeddings) of the prompt-tuning virtual tokens this step computes, or None if it has none."""
+        rows: list[int] = []
+        parts: list[torch.Tensor] = []
+        for sequence, num_new, end in zip(batch.sequences, batch.num_new_tokens, query_ends):
+            start = sequence.num_computed_tokens
+            if start >= sequence.num_virtual_tokens or sequence.virtual_kv_given:
+                continue
+            last = min(start + num_new, sequence.num_virtual_tokens)
+            rows.extend(range(end - num_new, end - num_new + last - start))
+            parts.append(self.virtual_tokens[sequence.adapter_slot].embeddings[start:last])
+        if not rows:
+            return None
+        return torch.tensor(rows, dtype=torch.int64, device=self.device), torch.cat(parts)
+
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         tokens: list[int] = []
         positions: list[int] = []
@@ -94,7 +140,10 @@ class ModelRunner:
         query_start = [0]
         for sequence, num_new in zip(batch.sequences, batch.num_new_tokens):
             start, end = sequence.num_computed_tokens, sequence.num_computed_tokens + num_new
-            tokens.extend(sequence.tokens_between(start, end))
+            ids = sequence.tokens_between(start, end)
+            if start < sequence.num_virtual_tokens:  # rows whose embeddings the adapter gives: any id will do
+                ids = [0 if token == VIRTUAL_TOKEN else token for token in ids]
+            tokens.extend(ids)
             positions.extend(range(start, end))
             table = sequence.block_table
             slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size

@@ -1,7 +1,8 @@
 """Prompt logprobs: what the model gave each prompt token, from the hidden states a prefill chunk computes anyway.
 
 The hidden state at position q scores the token at q + 1, so a chunk over positions [start, end) scores prompt
-tokens start + 1 .. end (the first prompt token has no score). Logits are made a few hundred rows at a time and
+tokens start + 1 .. end (the first prompt token has no score, even after a prompt-learning adapter's virtual tokens,
+whose positions come first and score nothing). Logits are made a few hundred rows at a time and
 reduced at once to each token's logprob, rank and top alternatives: a long prompt never holds a [prompt x vocab]
 tensor, only one slice of its chunk.
 """
@@ -24,11 +25,11 @@ def score_prompts(model: LlamaModel, hidden: torch.Tensor, sequences: list[Seque
     for index, (sequence, num_new) in enumerate(zip(sequences, num_new_tokens)):
         if not sequence.scoring_prompt:
             continue
-        start = sequence.num_computed_tokens
+        start, virtual = sequence.num_computed_tokens, sequence.num_virtual_tokens
         first_row = query_ends[index] - num_new
-        for position in range(max(start, len(sequence.prompt_logprobs) - 1),
-                              min(start + num_new, sequence.num_prompt_tokens - 1)):
-            picks.append((first_row + position - start, sequence.token_ids[position + 1],
+        for position in range(max(start, virtual + len(sequence.prompt_logprobs) - 1),
+                              min(start + num_new, virtual + sequence.num_prompt_tokens - 1)):
+            picks.append((first_row + position - start, sequence.token_ids[position - virtual + 1],
                           sequence.params.prompt_logprobs))
             owners.append(index)
     scores: dict[int, list[TokenLogprob]] = {}

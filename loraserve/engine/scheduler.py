@@ -106,8 +106,9 @@ class Scheduler:
         while index < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             sequence = self.waiting[index]
             prefix = self.block_manager.cached_prefix(sequence)
-            num_new = min(sequence.num_tokens - len(prefix) * self.block_manager.block_size, budget)
-            if not self.block_manager.can_allocate(sequence, num_new, prefix):
+            num_given = self._num_given(sequence, prefix)
+            num_new = min(sequence.num_tokens - len(prefix) * self.block_manager.block_size - num_given, budget)
+            if not self.block_manager.can_allocate(sequence, num_given + num_new, prefix):
                 break  # memory is first come, first served: nobody overtakes a request that does not fit
             try:
                 held = self._hold_adapter(sequence)
@@ -123,17 +124,28 @@ class Scheduler:
                 continue
             overtaken.update(id(waiting) for waiting in passed_over)
             del self.waiting[index]
-            self._admit(sequence, num_new, prefix, batch)
+            self._admit(sequence, num_new, prefix, batch, num_given)
             budget -= num_new
         for sequence in passed_over:
             sequence.overtaken_steps += id(sequence) in overtaken
 
-    def _admit(self, sequence: Sequence, num_new: int, prefix: tuple[int, ...], batch: ScheduledBatch) -> None:
-        self.block_manager.allocate(sequence, num_new, prefix)
+    def _num_given(self, sequence: Sequence, prefix: tuple[int, ...]) -> int:
+        """Virtual tokens past the cached prefix whose KV the adapter gives (prefix tuning): written, not computed,
+        so they take blocks but no budget."""
+        if not sequence.virtual_kv_given:
+            return 0
+        return max(0, sequence.num_virtual_tokens - len(prefix) * self.block_manager.block_size)
+
+    def _admit(self, sequence: Sequence, num_new: int, prefix: tuple[int, ...], batch: ScheduledBatch,
+               num_given: int) -> None:
+        self.block_manager.allocate(sequence, num_given + num_new, prefix)
+        cached = sequence.num_computed_tokens
+        sequence.pending_virtual_kv = (cached, cached + num_given) if num_given else None
+        sequence.num_computed_tokens += num_given
         sequence.status = SequenceStatus.RUNNING
         if sequence.first_scheduled_time is None:
             sequence.first_scheduled_time = time.monotonic()
-            sequence.num_cached_tokens = sequence.num_computed_tokens
+            sequence.num_cached_tokens = max(0, cached - sequence.num_virtual_tokens)  # of the prompt's own
         self.running.append(sequence)
         batch.sequences.append(sequence)
         batch.num_new_tokens.append(num_new)
@@ -169,16 +181,16 @@ class Scheduler:
     def _hold_adapter(self, sequence: Sequence) -> bool:
         """Give `sequence` its adapter's slot; False while the adapter is not resident (the registry's loader
         brings it in meanwhile, off this thread)."""
-        if sequence.adapter is None or sequence.lora_slot >= 0:
+        if sequence.adapter is None or sequence.adapter_slot >= 0:
             return True
         assert self.adapters is not None
         slot = self.adapters.hold(sequence.adapter)
         if slot is None:
             return False
-        sequence.lora_slot = slot
+        sequence.adapter_slot = slot
         return True
 
     def _release_adapter(self, sequence: Sequence) -> None:
-        if sequence.lora_slot >= 0:
+        if sequence.adapter_slot >= 0:
             self.adapters.release(sequence.adapter)
-            sequence.lora_slot = -1
+            sequence.adapter_slot = -1

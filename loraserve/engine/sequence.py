@@ -11,6 +11,11 @@ from loraserve.engine.outputs import TokenLogprob
 from loraserve.engine.sampling_params import SamplingParams
 
 
+# What `tokens_between` gives for a virtual token (a prompt-learning adapter's, before the prompt): it keys prefix-cache
+# blocks with the adapter version, which says what the virtual tokens are; the model never reads it as an id.
+VIRTUAL_TOKEN = -1
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -32,7 +37,9 @@ class Sequence:
     """A request: its tokens (prompt then output), how many have KV in the cache, and its cache blocks.
 
     Prefill and decode are one thing: each step computes some of the tokens not yet in the cache; when the
-    cache holds them all, the last position's logits give the next token.
+    cache holds them all, the last position's logits give the next token. A prompt-learning adapter's virtual
+    tokens come first: positions (`num_tokens`, `num_computed_tokens`, the block table) count them, `token_ids`
+    and `num_prompt_tokens` do not.
     """
 
     request_id: str
@@ -41,7 +48,11 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator
     adapter: AdapterRef | None = None
-    lora_slot: int = -1  # the adapter's slot while this request holds one
+    adapter_slot: int = -1  # the adapter's slot while this request holds one
+    num_virtual_tokens: int = 0  # positions before the prompt that its prompt-learning adapter fills
+    virtual_kv_given: bool = False  # prefix tuning: their KV is the adapter's, written rather than computed
+    # Positions [start, end) whose given KV the next step writes into this request's blocks, set on admission.
+    pending_virtual_kv: tuple[int, int] | None = None
     overtaken_steps: int = 0  # steps in which later requests were admitted while it waited for its adapter
     arrival_time: float = field(default_factory=time.monotonic)
     num_computed_tokens: int = 0
@@ -76,7 +87,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Positions: the virtual tokens, the prompt and the output so far."""
+        return self.num_virtual_tokens + len(self.token_ids)
 
     @property
     def num_output_tokens(self) -> int:
@@ -89,12 +101,16 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens the next step must compute to catch up, draft tokens included."""
-        return len(self.token_ids) + len(self.draft_token_ids) - self.num_computed_tokens
+        return self.num_tokens + len(self.draft_token_ids) - self.num_computed_tokens
 
     def tokens_between(self, start: int, end: int) -> list[int]:
-        """Token ids at positions [start, end), reading on into the draft tokens past the verified ones."""
+        """Token ids at positions [start, end) (VIRTUAL_TOKEN for virtual ones), reading on into the draft tokens
+        past the verified ones."""
+        virtual = [VIRTUAL_TOKEN] * max(0, min(end, self.num_virtual_tokens) - start)
+        start, end = max(0, start - self.num_virtual_tokens), max(0, end - self.num_virtual_tokens)
         verified = len(self.token_ids)
-        return self.token_ids[start:end] + self.draft_token_ids[max(0, start - verified):max(0, end - verified)]
+        return virtual + self.token_ids[start:end] + self.draft_token_ids[max(0, start - verified):
+                                                                          max(0, end - verified)]
 
     def truncate_drafts(self, count: int = 0) -> None:
         """Keep only the first `count` draft tokens."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraserve.adapters.format import BaseModelShape
+from loraserve.adapters.adapter_info import BaseModelShape
 from loraserve.adapters.scratch import ScratchAdapterDirectory, remove_abandoned
 from loraserve.adapters.slot_pool import page_bytes
 from loraserve.config import ServerConfig

@@ -66,10 +66,15 @@ class LlamaModel(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         lora_weights: list[dict[str, LoraWeights]] | None = None,
         lora_mapping: LoraMapping | None = None,
+        input_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """input_ids, positions [num_tokens] -> hidden [num_tokens, hidden_size]. One KV-cache pair and one set
-        of adapter slots per layer; `lora_mapping` says which tokens use which slot."""
+        of adapter slots per layer; `lora_mapping` says which tokens use which slot. `input_embeddings`, (rows,
+        embeddings), replaces those rows' token embeddings (a prompt-tuning adapter's virtual tokens)."""
         hidden = self.embed_tokens(input_ids)
+        if input_embeddings is not None:
+            rows, embeddings = input_embeddings
+            hidden = hidden.index_copy(0, rows, embeddings.to(hidden.dtype))
         rope = self.rotary(positions)
         use_lora = lora_weights is not None and lora_mapping is not None and not lora_mapping.empty
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):

@@ -5,11 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loraserve.adapters.format import BaseModelShape
+from loraserve.adapters.adapter_info import BaseModelShape
 from loraserve.adapters.registry import AdapterRef, AdapterRegistry
 from loraserve.adapters.slot_pool import SlotPool
 
@@ -22,12 +22,26 @@ MakeRegistry = Callable[..., tuple[AdapterRegistry, SlotPool]]
 MakeAdapter = Callable[..., Path]
 
 
+def tiny_llama(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def save_peft_prompt_learning(directory: Path, peft_type: str, num_virtual_tokens: int = 5, seed: int = 0,
+                              **options: Any) -> Path:
+    """A PEFT prompt-tuning or prefix-tuning adapter of the tiny random Llama (BASE)."""
+    config_class = {"PROMPT_TUNING": PromptTuningConfig, "PREFIX_TUNING": PrefixTuningConfig}[peft_type]
+    model = get_peft_model(tiny_llama(seed), config_class(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens,
+                                                          **options))
+    model.save_pretrained(directory)
+    return directory
+
+
 def make_peft_model(seed: int = 0, rank: int = 4, alpha: float = 8, targets: Any = ("q_proj", "v_proj"),
                     **options: Any) -> PeftModel:
     """init_lora_weights=False makes B random too, so every adapter changes the output."""
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    base = tiny_llama(seed)
     target_modules = targets if isinstance(targets, str) else list(targets)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=False, **options)
     return get_peft_model(base, config)

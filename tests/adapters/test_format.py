@@ -11,6 +11,7 @@ import torch
 from loraserve.adapters.errors import AdapterFormatError, AdapterNotFoundError, AdapterTooLargeError
 from loraserve.adapters import format
 from loraserve.adapters.format import inspect_adapter, load_adapter
+from loraserve.adapters.lora_format import load_lora
 from loraserve.adapters.slot_pool import SlotPool
 from loraserve.kernels import cpu_adapter_copy
 from tests.adapters.helpers import (BASE, CONFIG, WEIGHTS, edit_config, make_peft_model, read_tensors, tensor_name,
@@ -125,11 +126,11 @@ def test_a_file_cut_short_while_it_is_read_fails_that_load_alone(make_adapter: C
     """Rewritten in place between its header check and its read: a short read names the tensor it ends in (a
     memory-mapped read would have ended the process with SIGBUS)."""
     directory = make_adapter()
-    _, tensor_names, _ = format._validate(directory, BASE, max_rank=8)
+    layout = format._inspect(directory, BASE, max_rank=8)
     data = (directory / WEIGHTS).read_bytes()
     (directory / WEIGHTS).write_bytes(data[:len(data) - 64])
     with pytest.raises(AdapterFormatError, match="the file ends inside tensor"):
-        format._read_weights(directory / WEIGHTS, tensor_names)
+        load_lora(layout, directory / WEIGHTS)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraserve.adapters.format import BaseModelShape, LoraAdapter, load_adapter
+from loraserve.adapters.adapter_info import BaseModelShape
+from loraserve.adapters.format import load_adapter
+from loraserve.adapters.lora_format import LoraAdapter
 from loraserve.adapters.slot_pool import SlotPool, page_bytes
 from loraserve.kernels import cpu_adapter_copy
 from loraserve.kernels.lora import LoraMapping, add_lora_reference

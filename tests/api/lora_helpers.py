@@ -1,5 +1,6 @@
-"""Tiny PEFT LoRA adapters for the end-to-end tests, PEFT's own greedy answers to hold the server to, and the
-admin API calls that upload adapters."""
+"""Tiny PEFT adapters (LoRA, prompt and prefix tuning) for the end-to-end tests, PEFT's own greedy answers to hold
+the server to, and the admin API calls that upload adapters."""
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -7,7 +8,7 @@ from typing import Any
 
 import httpx
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from tokenizers import Tokenizer
 from transformers import LlamaForCausalLM
 
@@ -33,20 +34,64 @@ def load_base(model_dir: Path) -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
+def fresh_base(base: Path | torch.nn.Module) -> torch.nn.Module:
+    """The model saved in `base`, or a copy of `base` itself (PEFT adds its layers in place)."""
+    return load_base(base) if isinstance(base, Path) else copy.deepcopy(base)
+
+
 @single_thread()
-def save_random_adapter(model_dir: Path, directory: Path, seed: int, rank: int = 8,
+def save_random_adapter(base: Path | torch.nn.Module, directory: Path, seed: int, rank: int = 8,
                         targets: list[str] = ALL_TARGETS, **options: Any) -> Path:
-    """A PEFT adapter with both A and B random (init_lora_weights=False), so it changes the model's answers.
-    `options` go to LoraConfig (lora_alpha defaults to the rank)."""
+    """A PEFT adapter of the model saved in `base` (or of `base` itself) with both A and B random
+    (init_lora_weights=False), so it changes the model's answers. `options` go to LoraConfig (lora_alpha defaults
+    to the rank)."""
     torch.manual_seed(seed)
     options.setdefault("lora_alpha", rank)
     config = LoraConfig(r=rank, target_modules=targets, init_lora_weights=False, **options)
-    model = get_peft_model(load_base(model_dir), config)
+    model = get_peft_model(fresh_base(base), config)
     with torch.no_grad():  # DoRA starts with magnitudes equal to the adapted weights' norms; training moves them
         for name, parameter in model.named_parameters():
             if "lora_magnitude_vector" in name:
                 parameter.mul_(torch.empty_like(parameter).uniform_(0.5, 1.5))
     model.save_pretrained(directory)
+    return directory
+
+
+# One adapter of each kind served, by name: settings for `save_adapter_of_kind`.
+ADAPTER_KINDS: dict[str, dict[str, Any]] = {
+    # Virtual-token counts that do and do not fill 4-token blocks.
+    "prompt-text": dict(peft_type="PROMPT_TUNING", num_virtual_tokens=6, prompt_tuning_init="TEXT",
+                        prompt_tuning_init_text="the quick brown fox jumps"),
+    "prompt-random": dict(peft_type="PROMPT_TUNING", num_virtual_tokens=8),
+    "prefix": dict(peft_type="PREFIX_TUNING", num_virtual_tokens=5),
+    "prefix-projection": dict(peft_type="PREFIX_TUNING", num_virtual_tokens=8, prefix_projection=True,
+                              encoder_hidden_size=32),
+    "dora": dict(rank=4, lora_alpha=8, use_dora=True, targets=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+    "patterns": dict(rank=8, lora_alpha=16, rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 32}),
+}
+
+
+def save_adapter_of_kind(base: Path | torch.nn.Module, directory: Path, name: str, seed: int,
+                         tokenizer: dict[str, Any] | None = None) -> Path:
+    """The adapter `ADAPTER_KINDS[name]` describes, made by PEFT over the model saved in `base` (or `base` itself);
+    `tokenizer` tells PEFT where the tokenizer of TEXT init is (default: `base`'s directory)."""
+    settings = dict(ADAPTER_KINDS[name])
+    if "peft_type" not in settings:
+        return save_random_adapter(base, directory, seed, **settings)
+    if settings.get("prompt_tuning_init") == "TEXT":
+        settings |= tokenizer or {"tokenizer_name_or_path": str(base)}
+    return save_prompt_learning_adapter(base, directory, seed, **settings)
+
+
+@single_thread()
+def save_prompt_learning_adapter(base: Path | torch.nn.Module, directory: Path, seed: int, peft_type: str,
+                                 num_virtual_tokens: int, **options: Any) -> Path:
+    """A PEFT prompt-tuning or prefix-tuning adapter for a causal LM, as PEFT initialises it (`options` go to its
+    config: prompt_tuning_init TEXT with its text, prefix_projection, ...)."""
+    torch.manual_seed(seed)
+    config_class = {"PROMPT_TUNING": PromptTuningConfig, "PREFIX_TUNING": PrefixTuningConfig}[peft_type]
+    config = config_class(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, **options)
+    get_peft_model(fresh_base(base), config).save_pretrained(directory)
     return directory
 
 

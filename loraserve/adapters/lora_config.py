@@ -1,18 +1,15 @@
-"""What a PEFT adapter_config.json asks for, checked against what we serve: LoRA on the seven projections of a
-Llama decoder layer, with per-module ranks and alphas (`rank_pattern`, `alpha_pattern`) resolved as PEFT resolves
+"""What a LoRA adapter's adapter_config.json asks for, checked against what we serve: LoRA on the seven projections
+of a Llama decoder layer, with per-module ranks and alphas (`rank_pattern`, `alpha_pattern`) resolved as PEFT resolves
 them, and DoRA (`use_dora`). Options that would change the math otherwise are refused by name, never silently
 ignored."""
-import json
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from loraserve.adapters.config_checks import is_int, is_positive_number, refuse_options
 from loraserve.adapters.errors import AdapterFormatError, AdapterTooLargeError
-
-CONFIG_FILE = "adapter_config.json"
 
 # The projections an adapter may target, each with the decoder-layer module that holds it.
 TARGETS: dict[str, str] = {
@@ -42,12 +39,11 @@ class LoraSettings:
     use_dora: bool  # each module also carries a magnitude vector (DoRA)
 
 
-def read_lora_settings(path: Path, num_layers: int, max_rank: int) -> LoraSettings:
-    config = _read_json(path)
+def read_lora_settings(config: dict[str, Any], num_layers: int, max_rank: int) -> LoraSettings:
     rank, alpha, use_rslora = _check_config(config)
     modules = _targeted_modules(config, num_layers)
-    rank_pattern = _pattern(config, "rank_pattern", lambda value: _is_int(value) and value >= 1, "positive integers")
-    alpha_pattern = _pattern(config, "alpha_pattern", _is_positive_number, "positive numbers")
+    rank_pattern = _pattern(config, "rank_pattern", lambda value: is_int(value) and value >= 1, "positive integers")
+    alpha_pattern = _pattern(config, "alpha_pattern", is_positive_number, "positive numbers")
     ranks = {module: rank_pattern.get(_pattern_key(rank_pattern, module_name(*module)), rank) for module in modules}
     alphas = {module: float(alpha_pattern.get(_pattern_key(alpha_pattern, module_name(*module)), alpha))
               for module in modules}
@@ -86,29 +82,15 @@ def _pattern_key(pattern: dict[str, Any], name: str) -> str:
     return next((key for key in pattern if re.match(rf"(.*\.)?({key})$", name)), name)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterFormatError(f"{CONFIG_FILE} is not readable JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
-    return config
-
-
 def _check_config(config: dict[str, Any]) -> tuple[int, float, bool]:
     """(rank, alpha, use_rslora) of a plain LoRA config; refuses everything that would change the math."""
-    if config.get("peft_type") != "LORA":
-        raise AdapterFormatError(f"peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are served")
-    for key, feature in UNSUPPORTED_OPTIONS.items():
-        if config.get(key):
-            raise AdapterFormatError(f"{CONFIG_FILE} asks for {feature} ({key}={config[key]!r}), which we do not serve")
+    refuse_options(config, UNSUPPORTED_OPTIONS)
     if config.get("bias", "none") != "none":
         raise AdapterFormatError(f"bias={config['bias']!r} is not supported; only bias='none'")
     rank, alpha, use_rslora = config.get("r"), config.get("lora_alpha"), config.get("use_rslora", False)
-    if not _is_int(rank) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise AdapterFormatError(f"r must be a positive integer, got {rank!r}")
-    if not _is_positive_number(alpha):
+    if not is_positive_number(alpha):
         raise AdapterFormatError(f"lora_alpha must be a positive number, got {alpha!r}")
     if not isinstance(use_rslora, bool):
         raise AdapterFormatError(f"use_rslora must be true or false, got {use_rslora!r}")
@@ -147,16 +129,8 @@ def _targeted_modules(config: dict[str, Any], num_layers: int) -> frozenset[Modu
 def _layers_to_transform(value: Any, num_layers: int) -> list[int]:
     if value is None:
         return list(range(num_layers))
-    layers = [value] if _is_int(value) else value
-    if not isinstance(layers, list) or not layers or not all(_is_int(layer) and 0 <= layer < num_layers
+    layers = [value] if is_int(value) else value
+    if not isinstance(layers, list) or not layers or not all(is_int(layer) and 0 <= layer < num_layers
                                                               for layer in layers):
         raise AdapterFormatError(f"layers_to_transform {value!r} must name layers below {num_layers}")
     return layers
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
