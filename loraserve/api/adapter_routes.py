@@ -59,10 +59,10 @@ async def delete_adapter(name: str, registry: AdapterRegistry = Depends(registry
 async def load_lora_adapter(body: LoadLoraRequest, registry: AdapterRegistry = Depends(registry_of)) -> str:
     """vLLM's route: the adapter directory at `lora_path`, on this server, is validated and copied in."""
     record = await asyncio.to_thread(registry.add_from_path, body.lora_name, Path(body.lora_path))
-    return f"Loaded LoRA adapter {record.name!r} (version {record.version})."
+    return f"Loaded {record.kind} adapter {record.name!r} (version {record.version})."
 
 
 @admin_router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=ADMIN_ERRORS)
 async def unload_lora_adapter(body: UnloadLoraRequest, registry: AdapterRegistry = Depends(registry_of)) -> str:
     await asyncio.to_thread(registry.remove, body.lora_name)
-    return f"Unloaded LoRA adapter {body.lora_name!r}."
+    return f"Unloaded adapter {body.lora_name!r}."
