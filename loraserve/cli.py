@@ -43,6 +43,12 @@ HELP = {
                             "first for at most this many steps; then nobody passes it until it runs",
     "seed": "seeds the sampling of requests that bring no seed of their own",
     "adapter_dir": "directory where uploaded LoRA adapters persist across restarts (default: a temporary one)",
+    "shared_adapter_dir": "other servers (replicas) use --adapter-dir too, as on a ReadWriteMany volume: each "
+                          "request takes up the newest version any of them placed, a delete reaches all, and none "
+                          "tidies away what another may still use",
+    "replicas": "engine replicas: more than one run on a local Ray cluster (pip install 'loraserve[ray]') behind "
+                "this address, each request sent to a replica that holds its adapter (Ray Serve's model "
+                "multiplexing); they share --adapter-dir",
     "max_loras": "adapters resident at once (each takes as many pages of --adapter-memory as its rank); others "
                  "are loaded as requests need them",
     "adapter_memory": "memory for resident adapters' weights: bytes, or a size such as 4GiB (one page per rank "
@@ -164,6 +170,9 @@ def serve(args: argparse.Namespace) -> None:
     if admin_key is None:
         logger.warning("%s is not set: anyone who can reach the server may upload, load and delete adapters",
                        ADMIN_KEY_VARIABLE)
+    if config.replicas > 1:
+        from loraserve.scaleout.local import serve_replicas
+        return serve_replicas(config, admin_key)
     metrics = Metrics()
     engine = AsyncEngine.from_config(config, metrics)
     app = create_app(engine, metrics, config, admin_key)

@@ -25,6 +25,7 @@ class ServerConfig:
     max_overtaking_steps: int = 64  # steps others may pass a request waiting for its adapter to load
     seed: int = 0  # seeds sampling of requests that bring no seed
     adapter_dir: str | None = None  # where uploaded adapters persist; None: a temporary directory
+    shared_adapter_dir: bool = False  # other servers use adapter_dir too: take up their uploads and deletes
     max_loras: int = 1024  # adapters resident at once, in pages of adapter_memory
     adapter_memory: int = 4 << 30  # bytes of device memory for resident adapters' weights
     max_cpu_loras: int = 32  # adapters kept loaded in CPU memory (LRU)
@@ -36,3 +37,4 @@ class ServerConfig:
     spec_ngram_max: int = 4
     draft_model: str | None = None  # propose with this model (same tokenizer) instead of prompt lookup
     shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
+    replicas: int = 1  # engine replicas; more than one run as a Ray Serve application (the ray extra)

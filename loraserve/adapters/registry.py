@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraserve.adapters import dora
-from loraserve.adapters.errors import AdapterError, AdapterNotFoundError
+from loraserve.adapters.errors import AdapterError, AdapterNameError, AdapterNotFoundError
 from loraserve.adapters.adapter_info import AdapterInfo, BaseModelShape
 from loraserve.adapters.format import Adapter, inspect_adapter, load_adapter
 from loraserve.adapters.loader import AdapterLoader
@@ -64,10 +64,12 @@ class _Version:
 class AdapterRegistry:
     def __init__(self, adapter_dir: Path, base: BaseModelShape, pool: SlotPool, max_cpu_loras: int,
                  max_rank: int, listener: AdapterEventListener | None = None, max_bytes: int = 2**63,
-                 on_change: Callable[[], None] = lambda: None, base_weights: dora.BaseWeights | None = None) -> None:
+                 on_change: Callable[[], None] = lambda: None, base_weights: dora.BaseWeights | None = None,
+                 shared_store: bool = False) -> None:
         """`on_change` is called, from the loader's thread, when an adapter became resident or failed to load;
-        `base_weights` are what DoRA adapters are resolved against."""
-        self._store = AdapterStore(adapter_dir)
+        `base_weights` are what DoRA adapters are resolved against; `shared_store`: other replicas use the adapter
+        directory too (see `sync`)."""
+        self._store = AdapterStore(adapter_dir, shared_store)
         self._on_change = on_change
         self._base, self._max_rank, self._max_bytes = base, max_rank, max_bytes
         self._base_weights = base_weights
@@ -85,6 +87,8 @@ class AdapterRegistry:
 
     def resolve(self, name: str) -> AdapterRef:
         """The version a new request of this name uses, pinned until `unpin`."""
+        if self._store.shared:
+            self.sync(name)
         with self._lock:
             ref = self._current_ref(name)
             self._versions[ref].pins += 1
@@ -103,11 +107,47 @@ class AdapterRegistry:
             self._free_if_unused(ref)
         self._loader.wake()  # its slot may be the one a queued request's adapter can take now
 
+    def sync(self, name: str) -> None:
+        """Take up what another replica did to the name in a shared store: its newest version becomes the one new
+        requests resolve (requests under way keep theirs), and a deleted name is gone. A few stat calls."""
+        try:
+            latest = max(self._store.versions(name), default=None)
+        except AdapterNameError:
+            return  # no adapter can have that name; resolving it says so
+        with self._lock:
+            current = self._current.get(name)
+            if current is not None and latest is not None and current.version >= latest:
+                return
+            if latest is None:
+                if current is not None:
+                    del self._current[name]
+                    self._retire(current)
+                return
+        try:
+            stored = self._store.stored(name, latest, self._base, self._max_rank)
+        except (AdapterError, OSError):
+            return  # deleted meanwhile, or not valid: the name stays as this replica knows it
+        with self._lock:
+            current = self._current.get(name)
+            if current is None or current.version < latest:
+                self._register(stored)
+                if current is not None:
+                    self._retire(current)
+
+    def sync_all(self) -> None:
+        """`sync` every name in the shared store, and every name this replica knows."""
+        for name in sorted(set(self._store.names()) | set(self._current)):
+            self.sync(name)
+
     def records(self) -> list[AdapterRecord]:
+        if self._store.shared:
+            self.sync_all()
         with self._lock:
             return [self._record(ref) for _, ref in sorted(self._current.items())]
 
     def record(self, name: str) -> AdapterRecord:
+        if self._store.shared:
+            self.sync(name)
         with self._lock:
             return self._record(self._current_ref(name))
 
@@ -299,7 +339,7 @@ class AdapterRegistry:
         self._tiers.drop(ref)
         del self._versions[ref]
         self._failures.pop(ref, None)
-        self._store.discard(entry.directory)
+        self._store.release(entry.directory)
 
     def _needed(self, ref: AdapterRef) -> bool:
         """Whether some request still waits for the version (the loader skips those nobody needs any more)."""

@@ -4,6 +4,11 @@ A new version is staged in a temporary directory inside root and renamed into pl
 upload or a crash never leaves a half-written version where the start-up scan would find it. A replaced or
 removed version still in use is renamed out of its name's directory the same way, so a restart cannot revive it.
 Names become path components, so they are validated here, before anything touches the filesystem.
+
+A shared store (one directory that several replicas use, a ReadWriteMany volume) is never tidied behind another
+replica's back: versions stay where they are when replaced, a start-up leaves temporary directories alone (another
+replica may be staging an upload), and a version is removed from disk only once two newer ones are committed
+(until then a replica still serving it can read it again) or when its name is deleted.
 """
 import contextlib
 import logging
@@ -50,8 +55,8 @@ class StoredAdapter:
 
 
 class AdapterStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, shared: bool = False) -> None:
+        self.root, self.shared = root, shared
         root.mkdir(parents=True, exist_ok=True)
 
     def scan(self, base: BaseModelShape, max_rank: int) -> list[StoredAdapter]:
@@ -60,12 +65,16 @@ class AdapterStore:
         found = []
         for child in sorted(self.root.iterdir()):
             if child.name.startswith(TEMPORARY_PREFIX):
-                self.discard(child)
+                if not self.shared:
+                    self.discard(child)
             elif not child.is_dir() or not _is_safe_name(child.name):
                 logger.warning("ignoring %s: not an adapter directory", child)
             elif (stored := self._latest_valid(child.name, base, max_rank)) is not None:
                 found.append(stored)
         return found
+
+    def names(self) -> list[str]:
+        return [child.name for child in self.root.iterdir() if child.is_dir() and _is_safe_name(child.name)]
 
     def versions(self, name: str) -> list[int]:
         directory = self.root / validate_name(name)
@@ -125,13 +134,31 @@ class AdapterStore:
             with contextlib.suppress(OSError):
                 directory.parent.rmdir()  # only if this add created it and it is still empty
             raise
+        if self.shared:
+            for older in self.versions(name):
+                if older < version - 1:
+                    self.discard(self.root / name / f"v{older}")
         return StoredAdapter(name, version, directory, info, directory.stat().st_mtime)
 
+    def stored(self, name: str, version: int, base: BaseModelShape, max_rank: int) -> StoredAdapter:
+        """A version another replica placed in a shared store, validated; raises AdapterError if it is not valid."""
+        directory = self.root / validate_name(name) / f"v{version}"
+        return StoredAdapter(name, version, directory, inspect_adapter(directory, base, max_rank),
+                             directory.stat().st_mtime)
+
     def retire(self, directory: Path) -> Path:
-        """Move a version out of its name's directory (to be discarded once unused); returns where it went."""
+        """Move a version out of its name's directory (to be discarded once unused); returns where it went. In a
+        shared store it stays (`commit` removes it later)."""
+        if self.shared:
+            return directory
         retired = self.root / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}"
         os.rename(directory, retired)
         return retired
+
+    def release(self, directory: Path) -> None:
+        """A retired version nobody uses any more: discarded, unless the store is shared."""
+        if not self.shared:
+            self.discard(directory)
 
     def delete(self, name: str) -> None:
         """The name's directory, with any version left in it."""
@@ -150,7 +177,7 @@ class AdapterStore:
             except AdapterError as error:
                 logger.warning("skipping adapter %s version %d: %s", name, version, error)
                 continue
-            for older in versions[index + 1:]:
+            for older in versions[index + 1:] if not self.shared else []:
                 self.discard(self.root / name / f"v{older}")
             return StoredAdapter(name, version, directory, info, directory.stat().st_mtime)
         logger.warning("adapter directory %s holds no valid version", self.root / name)

@@ -65,7 +65,8 @@ class LLMEngine:
         self.adapters = AdapterRegistry(directory, base, slots, config.max_cpu_loras, config.max_lora_rank,
                                         listener=self.metrics, max_bytes=config.max_adapter_bytes,
                                         on_change=self._news.set,
-                                        base_weights=ProjectionWeights(loaded.model))
+                                        base_weights=ProjectionWeights(loaded.model),
+                                        shared_store=config.shared_adapter_dir)
         self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights,
                                   slots.virtual_tokens)
         if config.cuda_graphs and self.runner.device.type == "cuda":

@@ -56,8 +56,8 @@ class Server:
             time.sleep(0.05)
 
 
-def wait_for_ready_line(process: subprocess.Popen, log: Path) -> str:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def wait_for_ready_line(process: subprocess.Popen, log: Path, timeout: float = READY_TIMEOUT_S) -> str:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
@@ -66,11 +66,12 @@ def wait_for_ready_line(process: subprocess.Popen, log: Path) -> str:
             line = process.stdout.readline()
             if line.startswith(READY_PREFIX):
                 return line[len(READY_PREFIX):].strip()
-    raise TimeoutError(f"no ready line within {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+    raise TimeoutError(f"no ready line within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def start_server(directory: Path, *flags: str, model: str = "embedded", admin_key: str | None = None,
-                 module: str = "loraserve.cli", environment: dict[str, str] | None = None) -> Iterator[Server]:
+                 module: str = "loraserve.cli", environment: dict[str, str] | None = None,
+                 ready_timeout: float = READY_TIMEOUT_S) -> Iterator[Server]:
     """A server whose log and adapters live in `directory`; the admin key is set only when given. `module` runs
     instead of the real command line (a test double around it), with `environment` added to the process's."""
     log, adapter_dir = directory / "server.log", directory / "adapters"
@@ -84,11 +85,11 @@ def start_server(directory: Path, *flags: str, model: str = "embedded", admin_ke
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True,
                                    cwd=Path(__file__).parents[2], env=environment)
     try:
-        yield Server(wait_for_ready_line(process, log), log, adapter_dir, process)
+        yield Server(wait_for_ready_line(process, log, ready_timeout), log, adapter_dir, process)
     finally:
         process.terminate()
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

@@ -1,0 +1,56 @@
+"""An engine replica of the Ray Serve application: one engine and the single server's app around it, serving the
+requests the ingress forwards (`call_app`), with adapters as Ray Serve's multiplexed models, so the router sends a
+request to a replica that has served its adapter before (and holds its weights), and to the least busy one
+otherwise."""
+import asyncio
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from loraserve.api.app import create_app
+from loraserve.config import ServerConfig
+from loraserve.engine.async_engine import AsyncEngine
+from loraserve.metrics import Metrics
+from loraserve.scaleout.asgi_call import ForwardedRequest, ResponseStart, call_app
+
+REPLICA_HEADER = b"x-loraserve-replica"  # on every response: which replica served it
+
+
+def engine_replica(config: ServerConfig, admin_key: str | None) -> serve.Deployment:
+    """The deployment, holding `config.max_loras` adapters per replica in the router's view (multiplexing's bound
+    is fixed where the loader is declared, hence a class per configuration)."""
+
+    class EngineReplica:
+        async def __init__(self) -> None:
+            metrics = Metrics()
+            self.engine = await asyncio.to_thread(AsyncEngine.from_config, config, metrics)
+            self.app = create_app(self.engine, metrics, config, admin_key)
+            self.lifespan = self.app.router.lifespan_context(self.app)
+            await self.lifespan.__aenter__()  # the engine loop, as uvicorn's start-up runs it
+            self.replica_id = serve.get_replica_context().replica_id.unique_id.encode()
+
+        @serve.multiplexed(max_num_models_per_replica=config.max_loras)
+        async def take_adapter(self, name: str) -> str:
+            """Multiplexing's load: the name as the shared store has it now (the weights are read once a request
+            of it is queued, by the engine's loader)."""
+            self.engine.adapters.sync(name)
+            return name
+
+        async def handle(self, request: ForwardedRequest) -> AsyncIterator[ResponseStart | bytes]:
+            """The response to a forwarded request: its start, then its body as the app sends it."""
+            if name := serve.get_multiplexed_model_id():
+                await self.take_adapter(name)
+            async for part in call_app(self.app, request):
+                if isinstance(part, ResponseStart):
+                    part = ResponseStart(part.status, [*part.headers, (REPLICA_HEADER, self.replica_id)])
+                yield part
+
+        def served_model_name(self) -> str:
+            return self.engine.model_name
+
+        def check_health(self) -> None:
+            """Ray restarts a replica whose engine stopped for good."""
+            if not self.engine.healthy:
+                raise RuntimeError("the engine stopped after an internal error")
+
+    return serve.deployment(EngineReplica, name="EngineReplica")
