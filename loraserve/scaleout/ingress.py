@@ -3,7 +3,9 @@
 `parameters.adapter_id`), and it is forwarded to an engine replica chosen by that name through Ray Serve's model
 multiplexing: a replica that has served the adapter, else the least busy one, which then loads it. Requests
 without an adapter go by load alone. The response streams back as the replica sends it."""
+import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
@@ -21,6 +23,8 @@ from loraserve.scaleout.asgi_call import ForwardedRequest, ResponseStart
 OPENAI_GENERATION = {"/v1/completions", "/v1/chat/completions"}
 LORAX_GENERATION = {"/generate", "/generate_stream"}
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+RETRIES, RETRY_WAIT_S = 2, 0.5  # a request its replica's death ended unanswered, sent again after a pause
+logger = logging.getLogger("loraserve")
 
 app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # the replicas' own are forwarded
 # The helpers come before the deployment class: Ray serializes the class where it is decorated.
@@ -67,6 +71,22 @@ class Ingress:
         self.replicas, self.config = replicas, config
         self.served_model_name = await replicas.served_model_name.remote()
 
+    async def start(self, forwarded: ForwardedRequest) -> tuple[DeploymentResponseGenerator, ResponseStart] | None:
+        """The response's start from a replica. A request whose replica died before answering is sent again when
+        that is harmless (reads and generations: nothing was answered), once Ray's router has had a moment to
+        learn of the death; None if it keeps failing."""
+        name = adapter_name(forwarded.path, forwarded.body, self.served_model_name)
+        repeatable = forwarded.method == "GET" or forwarded.path in OPENAI_GENERATION | LORAX_GENERATION
+        for attempt in range(RETRIES + 1 if repeatable else 1):
+            parts = self.replicas.options(stream=True, multiplexed_model_id=name).handle.remote(forwarded)
+            try:
+                return parts, await parts.__anext__()
+            except Exception:
+                logger.warning("an engine replica failed before answering %s %s (attempt %d)", forwarded.method,
+                               forwarded.path, attempt + 1, exc_info=True)
+                await asyncio.sleep(RETRY_WAIT_S)
+        return None
+
     @app.api_route("/{path:path}", methods=METHODS)
     async def forward(self, request: Request, path: str) -> Response:
         openai = is_openai(request)
@@ -78,14 +98,10 @@ class Ingress:
                 return failure(RequestTooLargeError(f"the request body exceeds {limit} bytes"), openai)
         forwarded = ForwardedRequest(request.method, request.url.path, request.url.query.encode(),
                                      list(request.headers.raw), bytes(body))
-        name = adapter_name(request.url.path, forwarded.body, self.served_model_name)
-        parts: DeploymentResponseGenerator = self.replicas.options(
-            stream=True, multiplexed_model_id=name).handle.remote(forwarded)
-        try:
-            start = await parts.__anext__()
-        except Exception:  # the replica failed before answering (it is restarted; another may serve a retry)
+        started = await self.start(forwarded)
+        if started is None:
             return failure(EngineDeadError("the engine replica serving this request failed; retry it"), openai)
-        assert isinstance(start, ResponseStart), start
+        parts, start = started
         headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in start.headers}
         streaming = headers.get("content-type", "").startswith("text/event-stream")
         return StreamingResponse(relay(parts, openai, streaming), status_code=start.status, headers=headers)

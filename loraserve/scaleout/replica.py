@@ -3,6 +3,7 @@ requests the ingress forwards (`call_app`), with adapters as Ray Serve's multipl
 request to a replica that has served its adapter before (and holds its weights), and to the least busy one
 otherwise."""
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -13,7 +14,7 @@ from loraserve.engine.async_engine import AsyncEngine
 from loraserve.metrics import Metrics
 from loraserve.scaleout.asgi_call import ForwardedRequest, ResponseStart, call_app
 
-REPLICA_HEADER = b"x-loraserve-replica"  # on every response: which replica served it
+REPLICA_HEADER = b"x-loraserve-replica"  # on every response: the replica's id and process, as Ray's logs name them
 
 
 def engine_replica(config: ServerConfig, admin_key: str | None) -> serve.Deployment:
@@ -27,7 +28,7 @@ def engine_replica(config: ServerConfig, admin_key: str | None) -> serve.Deploym
             self.app = create_app(self.engine, metrics, config, admin_key)
             self.lifespan = self.app.router.lifespan_context(self.app)
             await self.lifespan.__aenter__()  # the engine loop, as uvicorn's start-up runs it
-            self.replica_id = serve.get_replica_context().replica_id.unique_id.encode()
+            self.replica_id = f"{serve.get_replica_context().replica_id.unique_id}:{os.getpid()}".encode()
 
         @serve.multiplexed(max_num_models_per_replica=config.max_loras)
         async def take_adapter(self, name: str) -> str:

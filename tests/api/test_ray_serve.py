@@ -2,6 +2,10 @@
 ingress. Each adapter's requests go to one replica (Ray Serve's model multiplexing), the answers are a single
 server's, and adapters uploaded or replaced through the ingress are served."""
 import asyncio
+import json
+import os
+import signal
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +88,29 @@ def test_a_new_version_uploaded_through_the_ingress_replaces_the_old_on_every_re
     assert [tokens for tokens, _ in answers[:6]] == [expected] * 6
     listed = {entry["id"]: entry["version"] for entry in httpx.get(f"{replicated.url}/v1/adapters").json()["data"]}
     assert listed[name] == 2 and set(ADAPTERS) <= set(listed)
+
+
+def test_a_killed_replica_ends_its_requests_with_an_error_and_ray_brings_it_back(replicated):
+    """SIGKILL to the replica streaming a request: that stream ends with an error event, the adapter's next
+    requests are served (by the other replica, the same answer), and Ray starts a replacement."""
+    name = ADAPTERS[1]
+    expected, replica = answers_of(replicated.url, [(name, PROMPTS[0])])[0]
+    with httpx.stream("POST", f"{replicated.url}/generate_stream", json=generate_body(PROMPTS[0], name, 200),
+                      timeout=120) as response:
+        assert response.headers[REPLICA] == replica
+        events = []
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line.removeprefix("data:")))
+                if len(events) == 2:
+                    os.kill(int(replica.split(":")[1]), signal.SIGKILL)
+    assert 2 <= len(events) < 200 and "replica" in events[-1]["error"], events[-1]
+    tokens, survivor = answers_of(replicated.url, [(name, PROMPTS[0])])[0]
+    assert (tokens, survivor != replica) == (expected, True)
+    deadline = time.monotonic() + 180
+    while True:
+        replicas = {answered for _, answered in answers_of(replicated.url, [(None, PROMPTS[0])] * 8)}
+        if len(replicas) == 2 and replica not in replicas:
+            break  # two replicas answer again, the killed one replaced
+        assert time.monotonic() < deadline, replicas
+        time.sleep(2)
