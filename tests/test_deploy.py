@@ -95,3 +95,25 @@ def test_grafana_provisioning_finds_the_dashboard_and_its_data_source():
     assert f"./deploy/grafana/dashboards:{providers[0]['options']['path']}:ro" in grafana["volumes"]
     dashboard = json.loads(DASHBOARD.read_text())
     assert {panel["datasource"]["uid"] for panel in dashboard["panels"]} == {sources[0]["uid"]}
+
+
+def test_the_rayservice_runs_the_replicated_app_on_a_shared_adapter_store():
+    from loraserve.cli import build_parser, config_from
+
+    documents = [yaml.safe_load(path.read_text()) for path in sorted((DEPLOY / "kuberay").glob("*.yaml"))]
+    by_kind = {document["kind"]: document for document in documents}
+    claim = by_kind["PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    (application,) = yaml.safe_load(by_kind["RayService"]["spec"]["serveConfigV2"])["applications"]
+    assert application["import_path"] == "loraserve.scaleout.app:build"
+    flags = [part for key, value in application["args"].items() for part in (f"--{key.replace('_', '-')}", value)]
+    config = config_from(build_parser().parse_args(["serve", *flags]))  # what `build` makes of the args
+    assert (config.replicas, config.device, config.adapter_dir) == (2, "cuda", "/adapters")
+    cluster = by_kind["RayService"]["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [group["template"]["spec"]
+                                                             for group in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == config.adapter_dir
+    assert all(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+               for group in cluster["workerGroupSpecs"])

@@ -265,6 +265,14 @@ class AdapterRegistry:
         """Whether the loader has adapters to bring in (its thread is, or is about to be, busy)."""
         return bool(self._loader.pending())
 
+    def activity(self) -> tuple[list[str], list[str]]:
+        """Names of the adapters running requests hold, and of those requests wait for (queued, or being
+        prepared), each sorted."""
+        with self._lock:
+            running = {ref.name for ref, entry in self._versions.items() if entry.references}
+            waiting = {ref.name for ref, entry in self._versions.items() if entry.pins > entry.references}
+        return sorted(running), sorted(waiting)
+
     def waiting_for_load(self) -> int:
         """Requests (queued, or being prepared) whose adapter version is not in a slot yet."""
         with self._lock:

@@ -62,10 +62,15 @@ async def info(request: Request, engine: AsyncEngine = Depends(engine_of)) -> di
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics_text(request: Request, engine: AsyncEngine = Depends(engine_of)) -> Response:
+async def metrics_text(request: Request) -> Response:
+    return Response(exposition(request.app), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+def exposition(app: FastAPI) -> bytes:
     """Prometheus text. The scheduler and adapter gauges are set here, at scrape time, and nowhere else: one
     definition of each (waiting includes requests not yet handed to the scheduler), nothing on the step path."""
-    metrics: Metrics = request.app.state.metrics
+    engine: AsyncEngine = app.state.engine
+    metrics: Metrics = app.state.metrics
     stats = engine.stats()
     metrics.running.set(stats.num_running)
     metrics.waiting.set(stats.num_waiting)
@@ -74,7 +79,8 @@ async def metrics_text(request: Request, engine: AsyncEngine = Depends(engine_of
     metrics.adapter_slots_held.set(engine.adapters.slots_held())
     metrics.waiting_for_adapter.set(engine.adapters.waiting_for_load())
     metrics.count_adapter_tiers(record.tier for record in engine.adapters.records())
-    return Response(metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+    metrics.adapter_activity(*engine.adapters.activity(), app.state.config.max_loras)
+    return metrics.exposition()
 
 
 def create_app(engine: AsyncEngine, metrics: Metrics, config: ServerConfig, admin_key: str | None) -> FastAPI:

@@ -7,21 +7,24 @@ from ray.serve import Application
 
 from loraserve.config import ServerConfig
 from loraserve.scaleout.ingress import Ingress
+from loraserve.scaleout.metrics_board import MetricsBoard
 from loraserve.scaleout.replica import engine_replica
 
 
 def application(config: ServerConfig, admin_key: str | None) -> Application:
-    """One CPU of Ray's accounting per replica (Ray gives its actor as many OpenMP threads), none for the
-    ingress, which only forwards. A replica takes as many requests as its engine runs and queues (its engine
+    """One CPU of Ray's accounting per replica (Ray gives its actor as many OpenMP threads) and, with --device
+    cuda, one GPU; none for the ingress, which only forwards. A replica takes as many requests as its engine runs and queues (its engine
     refuses the rest with 429), so multiplexing keeps an adapter's requests on the replica that has it rather
     than spilling them at Ray's default of 5."""
     assert config.adapter_dir is not None, "the replicas need one adapter directory they all reach"
     config = dataclasses.replace(config, shared_adapter_dir=True)
     capacity = config.max_num_seqs + config.max_queue
+    resources = {"num_cpus": 1, "num_gpus": 1 if config.device == "cuda" else 0}
     replicas = engine_replica(config, admin_key).options(num_replicas=config.replicas, max_ongoing_requests=capacity,
-                                                         ray_actor_options={"num_cpus": 1})
+                                                         ray_actor_options=resources)
+    board = MetricsBoard.bind()
     return Ingress.options(max_ongoing_requests=capacity * config.replicas, ray_actor_options={"num_cpus": 0}
-                           ).bind(replicas.bind(), config)
+                           ).bind(replicas.bind(board), board, config)
 
 
 def build(args: dict[str, str]) -> Application:

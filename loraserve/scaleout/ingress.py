@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -19,6 +20,7 @@ from loraserve.api.streaming import event
 from loraserve.config import ServerConfig
 from loraserve.engine.errors import EngineDeadError
 from loraserve.scaleout.asgi_call import ForwardedRequest, ResponseStart
+from loraserve.scaleout.metrics_board import merged_exposition
 
 OPENAI_GENERATION = {"/v1/completions", "/v1/chat/completions"}
 LORAX_GENERATION = {"/generate", "/generate_stream"}
@@ -67,9 +69,14 @@ def failure(error: Exception, openai: bool) -> Response:
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    async def __init__(self, replicas: DeploymentHandle, config: ServerConfig) -> None:
-        self.replicas, self.config = replicas, config
+    async def __init__(self, replicas: DeploymentHandle, board: DeploymentHandle, config: ServerConfig) -> None:
+        self.replicas, self.board, self.config = replicas, board, config
         self.served_model_name = await replicas.served_model_name.remote()
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        """Every replica's metrics, labelled by replica (see metrics_board.py)."""
+        return Response(merged_exposition(await self.board.collect.remote()), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     async def start(self, forwarded: ForwardedRequest) -> tuple[DeploymentResponseGenerator, ResponseStart] | None:
         """The response's start from a replica. A request whose replica died before answering is sent again when

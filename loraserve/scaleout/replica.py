@@ -3,16 +3,21 @@ requests the ingress forwards (`call_app`), with adapters as Ray Serve's multipl
 request to a replica that has served its adapter before (and holds its weights), and to the least busy one
 otherwise."""
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
-from loraserve.api.app import create_app
+from loraserve.api.app import create_app, exposition
 from loraserve.config import ServerConfig
 from loraserve.engine.async_engine import AsyncEngine
 from loraserve.metrics import Metrics
 from loraserve.scaleout.asgi_call import ForwardedRequest, ResponseStart, call_app
+from loraserve.scaleout.metrics_board import PUSH_INTERVAL_S
+
+logger = logging.getLogger("loraserve")
 
 REPLICA_HEADER = b"x-loraserve-replica"  # on every response: the replica's id and process, as Ray's logs name them
 
@@ -22,13 +27,24 @@ def engine_replica(config: ServerConfig, admin_key: str | None) -> serve.Deploym
     is fixed where the loader is declared, hence a class per configuration)."""
 
     class EngineReplica:
-        async def __init__(self) -> None:
+        async def __init__(self, board: DeploymentHandle) -> None:
             metrics = Metrics()
             self.engine = await asyncio.to_thread(AsyncEngine.from_config, config, metrics)
             self.app = create_app(self.engine, metrics, config, admin_key)
             self.lifespan = self.app.router.lifespan_context(self.app)
             await self.lifespan.__aenter__()  # the engine loop, as uvicorn's start-up runs it
-            self.replica_id = f"{serve.get_replica_context().replica_id.unique_id}:{os.getpid()}".encode()
+            unique_id = serve.get_replica_context().replica_id.unique_id
+            self.replica_id = f"{unique_id}:{os.getpid()}".encode()
+            self.posting = asyncio.create_task(self.post_metrics(board, unique_id))
+
+        async def post_metrics(self, board: DeploymentHandle, replica: str) -> None:
+            """This replica's metrics to the board, for the ingress's /metrics, until the replica stops."""
+            while True:
+                try:
+                    await board.put.remote(replica, exposition(self.app).decode())
+                except Exception:  # the board restarting: the next post will do
+                    logger.warning("could not post this replica's metrics", exc_info=True)
+                await asyncio.sleep(PUSH_INTERVAL_S)
 
         @serve.multiplexed(max_num_models_per_replica=config.max_loras)
         async def take_adapter(self, name: str) -> str:

@@ -206,3 +206,19 @@ def test_requests_and_uploads_from_many_threads_leave_nothing_held(make_registry
         worker.join()
     assert failures == [] and registry.num_references() == registry.num_pins() == 0
     assert [record.version for record in registry.records()] == [3, 3, 3]
+
+
+def test_activity_names_the_adapters_of_running_and_of_waiting_requests(make_registry: MakeRegistry,
+                                                                         make_adapter: MakeAdapter) -> None:
+    """What `lora_requests_info` reports: a held slot is running; a pin without a slot, waiting."""
+    registry, _ = make_registry(num_slots=1)
+    for name in ("running", "waiting"):
+        registry.add(name, make_adapter())
+    running, waiting = registry.resolve("running"), registry.resolve("waiting")
+    assert registry.activity() == ([], ["running", "waiting"])
+    assert acquire(registry, running) is not None
+    assert registry.activity() == (["running"], ["waiting"])
+    registry.release(running)
+    for ref in (running, waiting):
+        registry.unpin(ref)
+    assert registry.activity() == ([], [])

@@ -39,6 +39,29 @@ def start_and_leave(server: Server, prompt: str) -> None:
         assert server.metric("loraserve:kv_cache_usage_perc") > 0
 
 
+def lora_info(server: Server) -> dict[str, str]:
+    """The labels of the one `lora_requests_info` sample."""
+    (labels,) = [dict(labels) for (name, labels) in server.metrics() if name == "loraserve:lora_requests_info"]
+    return labels
+
+
+def test_lora_requests_info_names_the_adapters_of_running_requests(server, tmp_path):
+    """The metric Kubernetes inference routers read to route by adapter (vLLM's lora_requests_info)."""
+    from benchmarks.perplexity import load_transformers
+
+    adapter = save_random_adapter(load_transformers(None), tmp_path / "info", 3, rank=2, targets=["q_proj"])
+    assert upload(server.url, "info-adapter", adapter).is_success
+    server.wait_until_idle()
+    body = {"model": "info-adapter", "prompt": "Watch me", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        assert lora_info(server) == {"running_lora_adapters": "info-adapter", "waiting_lora_adapters": "",
+                                     "max_lora": "1024"}
+    server.wait_until_idle()
+    assert lora_info(server)["running_lora_adapters"] == ""
+
+
 def test_requests_are_counted_by_finish_reason(server):
     server.wait_until_idle()  # no earlier test's request may finish inside this one's counts
     before = server.metrics()
