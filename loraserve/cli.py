@@ -49,6 +49,9 @@ HELP = {
     "replicas": "engine replicas: more than one run on a local Ray cluster (pip install 'loraserve[ray]') behind "
                 "this address, each request sent to a replica that holds its adapter (Ray Serve's model "
                 "multiplexing); they share --adapter-dir",
+    "replica_routing": "with --replicas: 'adapter' sends each request to a replica that holds its adapter (the "
+                       "least busy one otherwise); 'load' sends every request to the least busy replica, so every "
+                       "replica loads every adapter (for comparison)",
     "max_loras": "adapters resident at once (each takes as many pages of --adapter-memory as its rank); others "
                  "are loaded as requests need them",
     "adapter_memory": "memory for resident adapters' weights: bytes, or a size such as 4GiB (one page per rank "
@@ -67,7 +70,7 @@ HELP = {
                         "requests get 503 meanwhile",
 }
 CHOICES = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
-           "quantization": ("auto", "none", "int4", "int8")}
+           "quantization": ("auto", "none", "int4", "int8"), "replica_routing": ("adapter", "load")}
 SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30,
               "t": 2**40, "tib": 2**40}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")

@@ -38,3 +38,4 @@ class ServerConfig:
     draft_model: str | None = None  # propose with this model (same tokenizer) instead of prompt lookup
     shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
     replicas: int = 1  # engine replicas; more than one run as a Ray Serve application (the ray extra)
+    replica_routing: str = "adapter"  # replicas: an adapter's requests to a replica holding it, or by load alone

@@ -13,9 +13,9 @@ from loraserve.scaleout.replica import engine_replica
 
 def application(config: ServerConfig, admin_key: str | None) -> Application:
     """One CPU of Ray's accounting per replica (Ray gives its actor as many OpenMP threads) and, with --device
-    cuda, one GPU; none for the ingress, which only forwards. A replica takes as many requests as its engine runs and queues (its engine
-    refuses the rest with 429), so multiplexing keeps an adapter's requests on the replica that has it rather
-    than spilling them at Ray's default of 5."""
+    cuda, one GPU; none for the ingress, which only forwards. A replica takes as many requests as its engine runs
+    and queues (its engine refuses the rest with 429), so multiplexing keeps an adapter's requests on the replica
+    that has it rather than spilling them at Ray's default of 5."""
     assert config.adapter_dir is not None, "the replicas need one adapter directory they all reach"
     config = dataclasses.replace(config, shared_adapter_dir=True)
     capacity = config.max_num_seqs + config.max_queue

@@ -82,7 +82,8 @@ class Ingress:
         """The response's start from a replica. A request whose replica died before answering is sent again when
         that is harmless (reads and generations: nothing was answered), once Ray's router has had a moment to
         learn of the death; None if it keeps failing."""
-        name = adapter_name(forwarded.path, forwarded.body, self.served_model_name)
+        name = adapter_name(forwarded.path, forwarded.body, self.served_model_name) \
+            if self.config.replica_routing == "adapter" else ""
         repeatable = forwarded.method == "GET" or forwarded.path in OPENAI_GENERATION | LORAX_GENERATION
         for attempt in range(RETRIES + 1 if repeatable else 1):
             parts = self.replicas.options(stream=True, multiplexed_model_id=name).handle.remote(forwarded)

@@ -5,7 +5,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import Server
-from tests.api.lora_helpers import generated_ids, save_random_adapter, upload
+from tests.api.lora_helpers import delete, generated_ids, save_random_adapter, upload
 
 pytestmark = pytest.mark.slow
 
@@ -51,15 +51,18 @@ def test_lora_requests_info_names_the_adapters_of_running_requests(server, tmp_p
 
     adapter = save_random_adapter(load_transformers(None), tmp_path / "info", 3, rank=2, targets=["q_proj"])
     assert upload(server.url, "info-adapter", adapter).is_success
-    server.wait_until_idle()
-    body = {"model": "info-adapter", "prompt": "Watch me", "max_tokens": 200, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        next(line for line in lines if line.startswith("data:"))
-        assert lora_info(server) == {"running_lora_adapters": "info-adapter", "waiting_lora_adapters": "",
-                                     "max_lora": "1024"}
-    server.wait_until_idle()
-    assert lora_info(server)["running_lora_adapters"] == ""
+    try:
+        server.wait_until_idle()
+        body = {"model": "info-adapter", "prompt": "Watch me", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            assert lora_info(server) == {"running_lora_adapters": "info-adapter", "waiting_lora_adapters": "",
+                                         "max_lora": "1024"}
+        server.wait_until_idle()
+        assert lora_info(server)["running_lora_adapters"] == ""
+    finally:
+        delete(server.url, "info-adapter")  # the shared server lists only its model to the other tests
 
 
 def test_requests_are_counted_by_finish_reason(server):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.api.conftest import MAIN_FLAGS, Server, start_server
-from tests.api.lora_helpers import ADMIN, ADMIN_KEY, generate_body, save_random_adapter, upload
+from tests.api.lora_helpers import ADMIN, ADMIN_KEY, delete, generate_body, save_random_adapter, upload
 
 pytest.importorskip("ray.serve", reason="the scale-out test needs the ray extra")
 pytestmark = pytest.mark.slow
@@ -43,6 +43,14 @@ def adapter_dirs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
                                     targets=["q_proj", "v_proj"]) for index in range(len(ADAPTERS) + 1)]
 
 
+@pytest.fixture(scope="module")
+def single(server: Server) -> Iterator[Server]:
+    """The shared single server, for reference answers; the adapters the tests upload to it go afterwards."""
+    yield server
+    for name in [f"single-{name}" for name in ADAPTERS] + ["single-replacement"]:
+        delete(server.url, name)
+
+
 async def generate(client: httpx.AsyncClient, adapter: str | None, prompt: str) -> tuple[list[int], str]:
     """Greedy token ids, and the replica that answered (none for a single server)."""
     response = await client.post("/generate", json=generate_body(prompt, adapter, NUM_TOKENS))
@@ -57,17 +65,16 @@ def answers_of(url: str, requests: list[tuple[str | None, str]]) -> list[tuple[l
     return asyncio.run(run())
 
 
-def test_each_adapters_requests_go_to_one_replica_and_answer_as_a_single_server(replicated, server, adapter_dirs):
+def test_each_adapters_requests_go_to_one_replica_and_answer_as_a_single_server(replicated, single, adapter_dirs):
     for name, directory in zip(ADAPTERS, adapter_dirs):
         assert upload(replicated.url, name, directory).status_code == 201
-        assert upload(server.url, f"single-{name}", directory).status_code == 201
+        assert upload(single.url, f"single-{name}", directory).status_code == 201
     answers_of(replicated.url, [(name, PROMPTS[0]) for name in ADAPTERS])  # each adapter's first request
     requests = [(name, PROMPTS[index % 2]) for index in range(10) for name in ADAPTERS]
     replicas_of: dict[str, set[str]] = defaultdict(set)
     for (name, prompt), (tokens, replica) in zip(requests, answers_of(replicated.url, requests)):
         replicas_of[name].add(replica)
-        single = answers_of(server.url, [(f"single-{name}", prompt)])[0][0]
-        assert tokens == single, (name, prompt)
+        assert tokens == answers_of(single.url, [(f"single-{name}", prompt)])[0][0], (name, prompt)
     assert all(len(replicas) == 1 for replicas in replicas_of.values()), replicas_of
     base_replicas = {replica for _, replica in answers_of(replicated.url, [(None, PROMPTS[0])] * 8)}
     assert len(base_replicas) == 2  # base requests go by load, to either
@@ -82,7 +89,7 @@ def test_each_adapters_requests_go_to_one_replica_and_answer_as_a_single_server(
     assert len(infos) == 2 and {info["max_lora"] for info in infos} == {"1024"}
 
 
-def test_a_new_version_uploaded_through_the_ingress_replaces_the_old_on_every_replica(replicated, server,
+def test_a_new_version_uploaded_through_the_ingress_replaces_the_old_on_every_replica(replicated, single,
                                                                                    adapter_dirs):
     name = "replaced"
     assert upload(replicated.url, name, adapter_dirs[0]).status_code == 201
@@ -91,8 +98,8 @@ def test_a_new_version_uploaded_through_the_ingress_replaces_the_old_on_every_re
                           files={file: (file, (adapter_dirs[-1] / file).read_bytes())
                                  for file in ("adapter_config.json", "adapter_model.safetensors")})
     assert response.status_code == 201 and response.json()["version"] == 2
-    assert upload(server.url, "single-replacement", adapter_dirs[-1]).status_code == 201
-    expected = answers_of(server.url, [("single-replacement", PROMPTS[0])])[0][0]
+    assert upload(single.url, "single-replacement", adapter_dirs[-1]).status_code == 201
+    expected = answers_of(single.url, [("single-replacement", PROMPTS[0])])[0][0]
     assert expected != before
     answers = answers_of(replicated.url, [(name, PROMPTS[0])] * 6 + [(None, PROMPTS[1])] * 6)
     assert [tokens for tokens, _ in answers[:6]] == [expected] * 6
