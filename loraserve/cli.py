@@ -43,6 +43,9 @@ HELP = {
                             "first for at most this many steps; then nobody passes it until it runs",
     "seed": "seeds the sampling of requests that bring no seed of their own",
     "adapter_dir": "directory where uploaded LoRA adapters persist across restarts (default: a temporary one)",
+    "adapter_roots": "comma-separated directories inside which LoRAX requests may name an adapter by its path "
+                     "(adapter_source 'local', adapter_id '/path/to/adapter'); it is copied in and checked like "
+                     "an upload, again when its files change (default: none, adapters are uploaded)",
     "shared_adapter_dir": "other servers (replicas) use --adapter-dir too, as on a ReadWriteMany volume: each "
                           "request takes up the newest version any of them placed, a delete reaches all, and none "
                           "tidies away what another may still use",

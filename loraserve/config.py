@@ -25,6 +25,7 @@ class ServerConfig:
     max_overtaking_steps: int = 64  # steps others may pass a request waiting for its adapter to load
     seed: int = 0  # seeds sampling of requests that bring no seed
     adapter_dir: str | None = None  # where uploaded adapters persist; None: a temporary directory
+    adapter_roots: str | None = None  # comma-separated directories requests may name adapters in by path
     shared_adapter_dir: bool = False  # other servers use adapter_dir too: take up their uploads and deletes
     max_loras: int = 1024  # adapters resident at once, in pages of adapter_memory
     adapter_memory: int = 4 << 30  # bytes of device memory for resident adapters' weights

@@ -19,3 +19,7 @@ class AdapterTooLargeError(AdapterFormatError):
 
 class AdapterNameError(AdapterError):
     """The name is not a safe directory name (empty, too long, odd characters, path traversal)."""
+
+
+class AdapterLocationError(AdapterError):
+    """A request named an adapter by a location outside the directories the server may read adapters from."""

@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
 
-from loraserve.adapters.errors import AdapterFormatError, AdapterNameError, AdapterNotFoundError, AdapterTooLargeError
+from loraserve.adapters.errors import (AdapterFormatError, AdapterLocationError, AdapterNameError, AdapterNotFoundError,
+                                      AdapterTooLargeError)
 from loraserve.engine.errors import (EngineDeadError, QueueFullError, RequestFailedError, RequestValidationError,
                                   ShuttingDownError)
 from loraserve.metrics import Metrics
@@ -82,6 +83,7 @@ KINDS: dict[type[Exception], ErrorKind] = {
     FormParserError: INVALID,
     AdapterFormatError: INVALID,
     AdapterNameError: INVALID,
+    AdapterLocationError: INVALID,
     ModelNotFoundError: NOT_FOUND,
     AdapterNotFoundError: NOT_FOUND,
     AdapterTooLargeError: ErrorKind(413, "invalid_request_error", 413, "validation", "adapter_too_large"),

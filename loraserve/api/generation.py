@@ -2,8 +2,8 @@
 outputs, and abort whatever still runs once the HTTP request is over (finished, failed or abandoned)."""
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -25,30 +25,39 @@ def engine_of(request: Request) -> AsyncEngine:
     return request.app.state.engine
 
 
-def select_adapter(engine: AsyncEngine, name: str | None, param: str) -> AdapterRef | None:
-    """The latest version of the adapter a request names, pinned; pass it straight to `submit`, which drops this
-    pin. Empty or the served model's name means the base model. Nothing is read here: once the request is queued,
-    the adapter loader reads and places the adapter, the one helper the step thread leaves a core to (reads in
-    worker threads here, several at once, took that core from the steps: 64 requests for 64 adapters on 2 cores
-    ran 1.2x longer)."""
+async def select_adapter(engine: AsyncEngine, name: str | None, param: str, source: str | None = None
+                         ) -> AdapterRef | None:
+    """The latest version of the adapter a request names, pinned; hold it in `pinned_until_submitted` until it goes
+    to `submit`, which drops this pin. Empty or the served model's name means the base model. A name is not read
+    here: once the request is queued, the adapter loader reads and places the adapter, the one helper the step
+    thread leaves a core to (reads in worker threads here, several at once, took that core from the steps: 64
+    requests for 64 adapters on 2 cores ran 1.2x longer). A path with `source` "local" (LoRAX's) names an adapter
+    by location, which is copied in first, in a worker thread, the first time and whenever it changes."""
     if not name or name == engine.model_name:
         return None
     try:
+        if source == "local" and name.startswith("/"):
+            return await asyncio.to_thread(engine.adapter_locations.resolve, name)
         return engine.adapters.resolve(name)
     except AdapterNotFoundError as error:
         raise ModelNotFoundError(name, param) from error
 
 
-def context_left(engine: AsyncEngine, prompt: list[int], adapter_name: str | None) -> int:
-    """The context the prompt leaves for output, after the named adapter's virtual tokens (prompt learning): the
-    default max_tokens of routes whose output may fill the context. An unknown name leaves `select_adapter` to
-    refuse it; a version uploaded in between is checked again, pinned, when the request is submitted."""
-    num_virtual_tokens = 0
-    if adapter_name and adapter_name != engine.model_name:
-        try:
-            num_virtual_tokens = engine.adapters.record(adapter_name).num_virtual_tokens
-        except AdapterNotFoundError:
-            pass
+@contextmanager
+def pinned_until_submitted(engine: AsyncEngine, adapter: AdapterRef | None) -> Iterator[None]:
+    """Drop `select_adapter`'s pin if preparing the request fails before `submit` takes it over."""
+    try:
+        yield
+    except BaseException:
+        if adapter is not None:
+            engine.adapters.unpin(adapter)
+        raise
+
+
+def context_left(engine: AsyncEngine, prompt: list[int], adapter: AdapterRef | None) -> int:
+    """The context the prompt leaves for output, after the (pinned) adapter's virtual tokens, if it puts any
+    before the prompt: the default max_tokens of routes whose output may fill the context."""
+    num_virtual_tokens = 0 if adapter is None else engine.adapters.info(adapter).num_virtual_tokens
     return max(1, engine.max_model_len - num_virtual_tokens - len(prompt))
 
 

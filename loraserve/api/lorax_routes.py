@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Depends, Request
 
 from loraserve.api.generation import (Generation, Submission, context_left, engine_of, finite, new_request_id,
-                                   select_adapter, submit, tokenize, unless_disconnected)
+                                   pinned_until_submitted, select_adapter, submit, tokenize, unless_disconnected)
 from loraserve.api.lorax_schemas import GenerateParameters, GenerateRequest
 from loraserve.api.openapi import LORAX_GENERATION_ERRORS, STREAM
 from loraserve.api.streaming import EventStream, add_stream_switch_route, sse_events
@@ -76,10 +76,11 @@ async def submitted_generate(body: GenerateRequest,
     prompt = await tokenize(engine, body.inputs, bounded=not parameters.truncate)  # truncating takes any length
     if parameters.truncate:
         prompt = prompt[-parameters.truncate:]
-    max_new_tokens = parameters.max_new_tokens or context_left(engine, prompt, parameters.adapter_id)
-    request_params = [parameters.sampling_params(max_new_tokens)]
-    await engine.prepare_grammar(request_params[0].grammar)
-    adapter = select_adapter(engine, parameters.adapter_id, "adapter_id")
+    await engine.prepare_grammar(parameters.grammar_spec)
+    adapter = await select_adapter(engine, parameters.adapter_id, "adapter_id", parameters.adapter_source)
+    with pinned_until_submitted(engine, adapter):
+        request_params = [parameters.sampling_params(parameters.max_new_tokens
+                                                     or context_left(engine, prompt, adapter))]
     with submit(engine, [prompt], request_params, new_request_id("generate"), adapter) as submission:
         yield LoraxJob(submission, parameters, body.inputs, prompt, engine.tokenizer)
 

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from loraserve.api.common_schema import MAX_INT32, MAX_LOGPROBS, RequestSchema, StopStrings
 from loraserve.api.structured_schema import LoraxResponseFormat
+from loraserve.engine.grammar import GrammarSpec
 from loraserve.engine.sampling_params import SamplingParams
 
 MAX_LORAX_SEED = 2**64 - 1  # LoRAX's seed is an unsigned 64-bit integer
@@ -20,8 +21,10 @@ class GenerateParameters(RequestSchema):
     unsupported: ClassVar[dict[str, tuple]] = {
         "typical_p": (None,), "best_of": (None, 1), "watermark": (None, False), "merged_adapters": (None,)}
 
-    adapter_id: str | None = None  # an uploaded adapter's name; empty or the base model's name means none
-    adapter_source: str | None = Field(None, json_schema_extra={"enum": ["local", None]})  # adapters are never fetched
+    # An uploaded adapter's name (empty or the base model's name means none), or with adapter_source "local" a path
+    # inside the server's --adapter-roots.
+    adapter_id: str | None = None
+    adapter_source: str | None = Field(None, json_schema_extra={"enum": ["local", None]})  # nothing is fetched
     api_token: str | None = None  # for private hub adapters; nothing is fetched, so it is ignored
     do_sample: bool = False
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
@@ -44,8 +47,9 @@ class GenerateParameters(RequestSchema):
     @classmethod
     def check_adapter_source(cls, source: str) -> str:
         if source != "local":
-            raise ValueError(f"this server has no adapter source {source!r}: it serves only adapters uploaded to "
-                             "it (POST /v1/adapters), so adapter_source must be 'local' or unset")
+            raise ValueError(f"this server has no adapter source {source!r}: it serves adapters uploaded to it "
+                             "(POST /v1/adapters) and, with adapter_source 'local', adapters named by their path "
+                             "inside its --adapter-roots")
         return source
 
     @property
@@ -62,7 +66,11 @@ class GenerateParameters(RequestSchema):
             seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos_token,
             logprobs=self.return_k_alternatives or 0, speculative=self.speculative,
             prompt_logprobs=0 if self.decoder_input_details else None,
-            grammar=self.response_format.spec() if self.response_format is not None else None)
+            grammar=self.grammar_spec)
+
+    @property
+    def grammar_spec(self) -> GrammarSpec | None:
+        return self.response_format.spec() if self.response_format is not None else None
 
 
 class GenerateRequest(RequestSchema):

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Depends, Request
 
 from loraserve.api.errors import InvalidRequestError
-from loraserve.api.generation import (Generation, context_left, engine_of, new_request_id, select_adapter, submit,
-                                   tokenize, tokenize_chat, unless_disconnected)
+from loraserve.api.generation import (Generation, context_left, engine_of, new_request_id, pinned_until_submitted,
+                                   select_adapter, submit, tokenize, tokenize_chat, unless_disconnected)
 from loraserve.api.openai_format import (OpenAIJob, chat_logprobs, generated_logprobs, joined_logprobs,
                                          openai_chunks, vllm_prompt_logprobs)
 from loraserve.api.openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -35,7 +35,7 @@ async def submitted_completion(body: CompletionRequest,
               for _ in prompts for i in range(body.n)]
     request_id = new_request_id("cmpl")
     await engine.prepare_grammar(body.grammar_spec)
-    adapter = select_adapter(engine, body.model, "model")
+    adapter = await select_adapter(engine, body.model, "model")
     with submit(engine, [ids for ids in token_ids for _ in range(body.n)], params, request_id,
                 adapter) as submission:
         # Decoded once submitted: the engine has checked that the token ids are few and in the vocabulary.
@@ -54,11 +54,13 @@ async def submitted_chat(body: ChatCompletionRequest,
                                   "tool_choice")
     prompt = await tokenize_chat(engine, [message.as_template_input() for message in body.messages],
                                  body.template_tools())
-    max_tokens = body.token_limit or context_left(engine, prompt, body.model)
-    params = [body.sampling_params(max_tokens, body.logprobs_count, i, body.prompt_logprobs) for i in range(body.n)]
-    request_id = new_request_id("chatcmpl")
     await engine.prepare_grammar(body.grammar_spec)
-    adapter = select_adapter(engine, body.model, "model")
+    adapter = await select_adapter(engine, body.model, "model")
+    with pinned_until_submitted(engine, adapter):
+        max_tokens = body.token_limit or context_left(engine, prompt, adapter)
+        params = [body.sampling_params(max_tokens, body.logprobs_count, i, body.prompt_logprobs)
+                  for i in range(body.n)]
+    request_id = new_request_id("chatcmpl")
     with submit(engine, [prompt] * body.n, params, request_id, adapter) as submission:
         yield OpenAIJob(submission, request_id, body.model or engine.model_name, body.n, body.include_usage,
                         body.logprobs_count, prompt_logprobs=body.prompt_logprobs, tool_mode=body.tool_mode,

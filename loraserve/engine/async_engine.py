@@ -118,6 +118,7 @@ class AsyncEngine:
         self.dtype = str(engine.runner.dtype).removeprefix("torch.")
         self.max_queue = max_queue
         self.adapters = engine.adapters
+        self.adapter_locations = engine.adapter_locations
         self.healthy = True
         self.draining = False  # set once shutdown begins: new requests are refused
         self.on_dead: Callable[[], None] | None = None  # called once if the engine stops for good

@@ -4,10 +4,12 @@ import logging
 import random
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from loraserve.adapters.adapter_info import PREFIX_TUNING
+from loraserve.adapters.locations import AdapterLocations
 from loraserve.adapters.registry import AdapterRef, AdapterRegistry
 from loraserve.adapters.slot_pool import SlotPool
 from loraserve.config import ServerConfig
@@ -67,6 +69,8 @@ class LLMEngine:
                                         on_change=self._news.set,
                                         base_weights=ProjectionWeights(loaded.model),
                                         shared_store=config.shared_adapter_dir)
+        roots = [Path(root) for root in (config.adapter_roots or "").split(",") if root]
+        self.adapter_locations = AdapterLocations(self.adapters, roots)
         self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights,
                                   slots.virtual_tokens)
         if config.cuda_graphs and self.runner.device.type == "cuda":
