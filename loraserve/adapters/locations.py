@@ -8,7 +8,8 @@ from pathlib import Path
 
 from loraserve.adapters.errors import AdapterLocationError, AdapterNotFoundError
 from loraserve.adapters.format import adapter_files
-from loraserve.adapters.registry import AdapterRef, AdapterRegistry
+from loraserve.adapters.records import AdapterRef
+from loraserve.adapters.registry import AdapterRegistry
 
 PREFIX = "path-"
 

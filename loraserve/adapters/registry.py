@@ -22,32 +22,12 @@ from loraserve.adapters.errors import AdapterError, AdapterNameError, AdapterNot
 from loraserve.adapters.adapter_info import AdapterInfo, BaseModelShape
 from loraserve.adapters.format import Adapter, inspect_adapter, load_adapter
 from loraserve.adapters.loader import AdapterLoader
+from loraserve.adapters.records import AdapterRecord, AdapterRef
 from loraserve.adapters.server_path import checked_source_files
 from loraserve.adapters.slot_pool import SlotPool
 from loraserve.adapters.store import AdapterStore, StoredAdapter, validate_name
 from loraserve.adapters.tiers import AdapterEventListener, AdapterTiers
 from loraserve.intra_op_threads import hold_helper_to_one_thread
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    name: str
-    version: int
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    name: str
-    version: int
-    rank: int
-    alpha: float
-    targets: list[str]
-    size_bytes: int
-    tier: str  # the highest it sits in: "disk", "cpu" or "gpu"
-    requests_served: int  # since this process started
-    created_at: float
-    kind: str  # adapter_info.LORA, PROMPT_TUNING or PREFIX_TUNING
-    num_virtual_tokens: int
 
 
 @dataclass

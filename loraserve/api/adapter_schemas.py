@@ -1,7 +1,7 @@
 """Request bodies of the adapter routes (vLLM's load and unload), and the JSON object an adapter is shown as."""
 from pydantic import BaseModel, Field
 
-from loraserve.adapters.registry import AdapterRecord
+from loraserve.adapters.records import AdapterRecord
 
 
 class LoadLoraRequest(BaseModel):

@@ -10,7 +10,7 @@ from typing import TypeVar
 from fastapi import Request
 
 from loraserve.adapters.errors import AdapterNotFoundError
-from loraserve.adapters.registry import AdapterRef
+from loraserve.adapters.records import AdapterRef
 from loraserve.api.errors import ClientDisconnectedError, GenerationAbortedError, ModelNotFoundError
 from loraserve.engine.async_engine import AsyncEngine, OutputQueue, RequestStream
 from loraserve.engine.outputs import RequestOutput, TokenLogprob

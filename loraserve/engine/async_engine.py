@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.adapters.registry import AdapterRef
+from loraserve.adapters.records import AdapterRef
 from loraserve.config import ServerConfig
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.errors import EngineDeadError, QueueFullError, RequestValidationError, ShuttingDownError

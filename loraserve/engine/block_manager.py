@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
-from loraserve.adapters.registry import AdapterRef
+from loraserve.adapters.records import AdapterRef
 from loraserve.engine.sequence import Sequence
 
 

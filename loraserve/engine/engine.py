@@ -10,7 +10,8 @@ import torch
 
 from loraserve.adapters.adapter_info import PREFIX_TUNING
 from loraserve.adapters.locations import AdapterLocations
-from loraserve.adapters.registry import AdapterRef, AdapterRegistry
+from loraserve.adapters.records import AdapterRef
+from loraserve.adapters.registry import AdapterRegistry
 from loraserve.adapters.slot_pool import SlotPool
 from loraserve.config import ServerConfig
 from loraserve.engine.block_manager import BlockManager

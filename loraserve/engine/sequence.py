@@ -6,7 +6,7 @@ from enum import Enum, auto
 import torch
 from llguidance import LLMatcher
 
-from loraserve.adapters.registry import AdapterRef
+from loraserve.adapters.records import AdapterRef
 from loraserve.engine.outputs import TokenLogprob
 from loraserve.engine.sampling_params import SamplingParams
 

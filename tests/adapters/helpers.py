@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loraserve.adapters.adapter_info import BaseModelShape
-from loraserve.adapters.registry import AdapterRef, AdapterRegistry
+from loraserve.adapters.records import AdapterRef
+from loraserve.adapters.registry import AdapterRegistry
 from loraserve.adapters.slot_pool import SlotPool
 
 BASE = BaseModelShape.for_llama(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,

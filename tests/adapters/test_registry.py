@@ -9,7 +9,7 @@ import torch
 
 from loraserve.adapters.errors import AdapterFormatError, AdapterNameError, AdapterNotFoundError
 from loraserve.adapters.format import load_adapter
-from loraserve.adapters.registry import AdapterRef
+from loraserve.adapters.records import AdapterRef
 from tests.adapters.helpers import (BASE, MAX_RANK, WEIGHTS, MakeAdapter, MakeRegistry, acquire, peft_q_a,
                                    slot_q_a)
 

@@ -12,7 +12,8 @@ from hypothesis import settings, strategies
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from loraserve.adapters.errors import AdapterNotFoundError
-from loraserve.adapters.registry import AdapterRef, AdapterRegistry
+from loraserve.adapters.records import AdapterRef
+from loraserve.adapters.registry import AdapterRegistry
 from loraserve.adapters.slot_pool import SlotPool
 from tests.adapters.helpers import BASE, acquire, read_tensors, tensor_name
 

@@ -1,6 +1,6 @@
 import torch
 
-from loraserve.adapters.registry import AdapterRef
+from loraserve.adapters.records import AdapterRef
 from loraserve.engine.block_manager import BlockManager
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.sequence import Sequence

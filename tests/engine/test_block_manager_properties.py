@@ -9,7 +9,7 @@ import torch
 from hypothesis import settings, strategies
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from loraserve.adapters.registry import AdapterRef
+from loraserve.adapters.records import AdapterRef
 from loraserve.engine.block_manager import BlockKey, BlockManager
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.sequence import Sequence
