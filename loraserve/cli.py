@@ -46,6 +46,10 @@ HELP = {
     "adapter_roots": "comma-separated directories inside which LoRAX requests may name an adapter by its path "
                      "(adapter_source 'local', adapter_id '/path/to/adapter'); it is copied in and checked like "
                      "an upload, again when its files change (default: none, adapters are uploaded)",
+    "adapter_store": "an object store that several servers (replicas) share for adapters, as an fsspec URL "
+                     "(s3://bucket/adapters, gs://..., file:///mnt/adapters; s3fs or gcsfs installed for those): "
+                     "uploads are written there, each server reads what it serves into --adapter-dir, and new "
+                     "versions and deletes reach every server",
     "shared_adapter_dir": "other servers (replicas) use --adapter-dir too, as on a ReadWriteMany volume: each "
                           "request takes up the newest version any of them placed, a delete reaches all, and none "
                           "tidies away what another may still use",

@@ -26,6 +26,7 @@ class ServerConfig:
     seed: int = 0  # seeds sampling of requests that bring no seed
     adapter_dir: str | None = None  # where uploaded adapters persist; None: a temporary directory
     adapter_roots: str | None = None  # comma-separated directories requests may name adapters in by path
+    adapter_store: str | None = None  # an fsspec URL (s3://, gs://, file://) of the adapters replicas share
     shared_adapter_dir: bool = False  # other servers use adapter_dir too: take up their uploads and deletes
     max_loras: int = 1024  # adapters resident at once, in pages of adapter_memory
     adapter_memory: int = 4 << 30  # bytes of device memory for resident adapters' weights

@@ -23,6 +23,7 @@ from loraserve.adapters.adapter_info import AdapterInfo, BaseModelShape
 from loraserve.adapters.format import Adapter, inspect_adapter, load_adapter
 from loraserve.adapters.loader import AdapterLoader
 from loraserve.adapters.records import AdapterRecord, AdapterRef
+from loraserve.adapters.remote_store import RemoteStore
 from loraserve.adapters.server_path import checked_source_files
 from loraserve.adapters.slot_pool import SlotPool
 from loraserve.adapters.store import AdapterStore, StoredAdapter, validate_name
@@ -45,16 +46,19 @@ class AdapterRegistry:
     def __init__(self, adapter_dir: Path, base: BaseModelShape, pool: SlotPool, max_cpu_loras: int,
                  max_rank: int, listener: AdapterEventListener | None = None, max_bytes: int = 2**63,
                  on_change: Callable[[], None] = lambda: None, base_weights: dora.BaseWeights | None = None,
-                 shared_store: bool = False) -> None:
+                 shared_store: bool = False, remote_store: str | None = None) -> None:
         """`on_change` is called, from the loader's thread, when an adapter became resident or failed to load;
         `base_weights` are what DoRA adapters are resolved against; `shared_store`: other replicas use the adapter
-        directory too (see `sync`)."""
-        self._store = AdapterStore(adapter_dir, shared_store)
+        directory too (see `sync`); `remote_store`: an fsspec URL of the store they share instead, of which the
+        adapter directory keeps this server's copies."""
+        remote = RemoteStore(remote_store) if remote_store else None
+        self._store = AdapterStore(adapter_dir, shared_store, remote)
         self._on_change = on_change
         self._base, self._max_rank, self._max_bytes = base, max_rank, max_bytes
         self._base_weights = base_weights
         self._lock = threading.Lock()
         self._placing = threading.Lock()  # one placement at a time (the loader's, or a caller's), never the step's
+        self._committing = threading.Lock()  # one upload given its version number and stored at a time
         self._versions: dict[AdapterRef, _Version] = {}  # current versions, and old ones still in use
         self._current: dict[str, AdapterRef] = {}
         self._last_version: dict[str, int] = {}  # never reuse a version number a request may still hold
@@ -165,7 +169,7 @@ class AdapterRegistry:
             ref = self._current_ref(name)
             del self._current[name]
             self._retire(ref)
-            self._store.delete(name)
+        self._store.delete(name)  # outside the lock: an object store's delete takes a while
 
     def ensure_loaded(self, ref: AdapterRef) -> None:
         """Bring the version into the CPU cache, reading disk if needed; blocks, so call it off the event loop.
@@ -288,14 +292,22 @@ class AdapterRegistry:
             self._store.discard(staging)
             raise
         seconds = time.perf_counter() - start
+        with self._committing:  # the store's listing and upload happen outside the lock requests and steps take
+            with self._lock:
+                last = self._last_version.get(name, 0)
+            version = max([last, *self._store.versions(name, fresh=True)]) + 1
+            stored = self._store.commit(staging, name, version, adapter.info())
         with self._lock:
-            version = max([self._last_version.get(name, 0), *self._store.versions(name)]) + 1
-            replaced = self._current.get(name)
-            ref = self._register(self._store.commit(staging, name, version, adapter.info()))
-            self._tiers.keep_cpu_copy(ref, adapter, seconds)  # an upload is usually used next
-            if replaced is not None:
-                self._retire(replaced)
-            return self._record(ref)
+            ref, current = AdapterRef(name, version), self._current.get(name)
+            if current is None or current.version < version:
+                self._register(stored)
+                if current is not None:
+                    self._retire(current)
+                current = ref
+            # else a request's `sync` took up this version first, or another replica's newer one
+            if current == ref:
+                self._tiers.keep_cpu_copy(ref, adapter, seconds)  # an upload is usually used next
+            return self._record(current)
 
     def _register(self, stored: StoredAdapter) -> AdapterRef:
         ref = AdapterRef(stored.name, stored.version)

@@ -24,6 +24,7 @@ from pathlib import Path
 from loraserve.adapters.errors import AdapterError, AdapterFormatError, AdapterNameError
 from loraserve.adapters.adapter_info import AdapterInfo, BaseModelShape
 from loraserve.adapters.format import adapter_files, inspect_adapter
+from loraserve.adapters.remote_store import RemoteStore
 from loraserve.adapters.server_path import copy_regular_file
 
 logger = logging.getLogger(__name__)
@@ -55,13 +56,19 @@ class StoredAdapter:
 
 
 class AdapterStore:
-    def __init__(self, root: Path, shared: bool = False) -> None:
-        self.root, self.shared = root, shared
+    """With `remote` (an object store every replica shares), `root` is this server's copy of what it used: versions
+    are listed, placed, pruned and deleted there, and read into `root` before they are validated."""
+
+    def __init__(self, root: Path, shared: bool = False, remote: RemoteStore | None = None) -> None:
+        self.root, self.shared, self.remote = root, shared or remote is not None, remote
         root.mkdir(parents=True, exist_ok=True)
 
     def scan(self, base: BaseModelShape, max_rank: int) -> list[StoredAdapter]:
         """The latest valid version of every adapter; removes temporary leftovers and superseded versions,
         and skips (with a warning) whatever else does not validate."""
+        if self.remote is not None:
+            return [stored for name in self.remote.names() if _is_safe_name(name)
+                    if (stored := self._latest_valid(name, base, max_rank)) is not None]
         found = []
         for child in sorted(self.root.iterdir()):
             if child.name.startswith(TEMPORARY_PREFIX):
@@ -74,9 +81,14 @@ class AdapterStore:
         return found
 
     def names(self) -> list[str]:
+        if self.remote is not None:
+            return [name for name in self.remote.names() if _is_safe_name(name)]
         return [child.name for child in self.root.iterdir() if child.is_dir() and _is_safe_name(child.name)]
 
-    def versions(self, name: str) -> list[int]:
+    def versions(self, name: str, fresh: bool = False) -> list[int]:
+        """The name's versions; `fresh`: an object store is listed now, not as it was a moment ago."""
+        if self.remote is not None:
+            return self.remote.versions(validate_name(name), fresh)
         directory = self.root / validate_name(name)
         if not directory.is_dir():
             return []
@@ -134,17 +146,45 @@ class AdapterStore:
             with contextlib.suppress(OSError):
                 directory.parent.rmdir()  # only if this add created it and it is still empty
             raise
+        if self.remote is not None:
+            try:
+                self.remote.publish(name, version, directory)
+            except OSError:
+                self.discard(directory)
+                raise
         if self.shared:
-            for older in self.versions(name):
+            for older in self.versions(name, fresh=True):
                 if older < version - 1:
-                    self.discard(self.root / name / f"v{older}")
+                    self._remove_version(name, older)
         return StoredAdapter(name, version, directory, info, directory.stat().st_mtime)
 
+    def _remove_version(self, name: str, version: int) -> None:
+        if self.remote is not None:
+            self.remote.delete(name, version)
+        self.discard(self.root / name / f"v{version}")
+
     def stored(self, name: str, version: int, base: BaseModelShape, max_rank: int) -> StoredAdapter:
-        """A version another replica placed in a shared store, validated; raises AdapterError if it is not valid."""
+        """A version in the store (another replica's, in a shared one), validated; raises AdapterError if it is
+        not valid."""
         directory = self.root / validate_name(name) / f"v{version}"
+        if self.remote is not None and not directory.exists():
+            self._fetch(name, version, directory)
         return StoredAdapter(name, version, directory, inspect_adapter(directory, base, max_rank),
                              directory.stat().st_mtime)
+
+    def _fetch(self, name: str, version: int, directory: Path) -> None:
+        """Read a version from the object store into place here, whole or not at all."""
+        staging = self._new_temporary()
+        try:
+            self.remote.fetch(name, version, staging / "version")
+            directory.parent.mkdir(exist_ok=True)
+            try:
+                os.rename(staging / "version", directory)
+            except OSError:
+                if not directory.exists():
+                    raise  # else a replica sharing this directory read it first
+        finally:
+            self.discard(staging)
 
     def retire(self, directory: Path) -> Path:
         """Move a version out of its name's directory (to be discarded once unused); returns where it went. In a
@@ -161,7 +201,9 @@ class AdapterStore:
             self.discard(directory)
 
     def delete(self, name: str) -> None:
-        """The name's directory, with any version left in it."""
+        """The name's directory, with any version left in it (in the object store too)."""
+        if self.remote is not None:
+            self.remote.delete(validate_name(name))
         self.discard(self.root / validate_name(name))
 
     @staticmethod
@@ -171,14 +213,13 @@ class AdapterStore:
     def _latest_valid(self, name: str, base: BaseModelShape, max_rank: int) -> StoredAdapter | None:
         versions = sorted(self.versions(name), reverse=True)
         for index, version in enumerate(versions):
-            directory = self.root / name / f"v{version}"
             try:
-                info = inspect_adapter(directory, base, max_rank)
-            except AdapterError as error:
+                stored = self.stored(name, version, base, max_rank)
+            except (AdapterError, OSError) as error:
                 logger.warning("skipping adapter %s version %d: %s", name, version, error)
                 continue
             for older in versions[index + 1:] if not self.shared else []:
                 self.discard(self.root / name / f"v{older}")
-            return StoredAdapter(name, version, directory, info, directory.stat().st_mtime)
+            return stored
         logger.warning("adapter directory %s holds no valid version", self.root / name)
         return None

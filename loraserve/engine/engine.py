@@ -69,7 +69,8 @@ class LLMEngine:
                                         listener=self.metrics, max_bytes=config.max_adapter_bytes,
                                         on_change=self._news.set,
                                         base_weights=ProjectionWeights(loaded.model),
-                                        shared_store=config.shared_adapter_dir)
+                                        shared_store=config.shared_adapter_dir,
+                                        remote_store=config.adapter_store)
         roots = [Path(root) for root in (config.adapter_roots or "").split(",") if root]
         self.adapter_locations = AdapterLocations(self.adapters, roots)
         self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights,

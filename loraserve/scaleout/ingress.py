@@ -23,7 +23,7 @@ from loraserve.scaleout.asgi_call import ForwardedRequest, ResponseStart
 from loraserve.scaleout.metrics_board import merged_exposition
 
 OPENAI_GENERATION = {"/v1/completions", "/v1/chat/completions"}
-LORAX_GENERATION = {"/generate", "/generate_stream"}
+LORAX_GENERATION = {"/", "/generate", "/generate_stream"}  # "/": TGI's route, either by its `stream` field
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 RETRIES, RETRY_WAIT_S = 2, 0.5  # a request its replica's death ended unanswered, sent again after a pause
 logger = logging.getLogger("loraserve")
