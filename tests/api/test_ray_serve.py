@@ -105,6 +105,13 @@ def test_a_new_version_uploaded_through_the_ingress_replaces_the_old_on_every_re
     assert [tokens for tokens, _ in answers[:6]] == [expected] * 6
     listed = {entry["id"]: entry["version"] for entry in httpx.get(f"{replicated.url}/v1/adapters").json()["data"]}
     assert listed[name] == 2
+    seen: dict[str, int] = {}  # reads go by load: ask until both replicas have said which version the name means
+    for _ in range(40):
+        response = httpx.get(f"{replicated.url}/v1/adapters/{name}", timeout=30)
+        seen[response.headers[REPLICA]] = response.json()["version"]
+        if len(seen) == 2:
+            break
+    assert list(seen.values()) == [2, 2], seen
 
 
 def test_a_killed_replica_ends_its_requests_with_an_error_and_ray_brings_it_back(replicated):
