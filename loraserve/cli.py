@@ -43,9 +43,10 @@ HELP = {
                             "first for at most this many steps; then nobody passes it until it runs",
     "seed": "seeds the sampling of requests that bring no seed of their own",
     "adapter_dir": "directory where uploaded LoRA adapters persist across restarts (default: a temporary one)",
-    "adapter_roots": "comma-separated directories inside which LoRAX requests may name an adapter by its path "
-                     "(adapter_source 'local', adapter_id '/path/to/adapter'); it is copied in and checked like "
-                     "an upload, again when its files change (default: none, adapters are uploaded)",
+    "adapter_roots": "comma-separated directories and object-store URLs inside which LoRAX requests may name an "
+                     "adapter by its location (adapter_source 'local' with a path, 's3' with an s3:// URL); it is "
+                     "copied in and checked like an upload, again when its files change (default: none, adapters "
+                     "are uploaded)",
     "adapter_store": "an object store that several servers (replicas) share for adapters, as an fsspec URL "
                      "(s3://bucket/adapters, gs://..., file:///mnt/adapters; s3fs or gcsfs installed for those): "
                      "uploads are written there, each server reads what it serves into --adapter-dir, and new "

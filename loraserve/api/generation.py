@@ -31,12 +31,13 @@ async def select_adapter(engine: AsyncEngine, name: str | None, param: str, sour
     to `submit`, which drops this pin. Empty or the served model's name means the base model. A name is not read
     here: once the request is queued, the adapter loader reads and places the adapter, the one helper the step
     thread leaves a core to (reads in worker threads here, several at once, took that core from the steps: 64
-    requests for 64 adapters on 2 cores ran 1.2x longer). A path with `source` "local" (LoRAX's) names an adapter
-    by location, which is copied in first, in a worker thread, the first time and whenever it changes."""
+    requests for 64 adapters on 2 cores ran 1.2x longer). A path with `source` "local", or an s3:// URL with "s3"
+    (LoRAX's), names an adapter by location, which is copied in first, in a worker thread, the first time and
+    whenever it changes."""
     if not name or name == engine.model_name:
         return None
     try:
-        if source == "local" and name.startswith("/"):
+        if source == "s3" or (source == "local" and name.startswith("/")):
             return await asyncio.to_thread(engine.adapter_locations.resolve, name)
         return engine.adapters.resolve(name)
     except AdapterNotFoundError as error:

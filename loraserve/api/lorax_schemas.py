@@ -5,7 +5,7 @@ merged adapters) are refused when asked for, not ignored.
 """
 from typing import ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from loraserve.api.common_schema import MAX_INT32, MAX_LOGPROBS, RequestSchema, StopStrings
 from loraserve.api.structured_schema import LoraxResponseFormat
@@ -21,10 +21,10 @@ class GenerateParameters(RequestSchema):
     unsupported: ClassVar[dict[str, tuple]] = {
         "typical_p": (None,), "best_of": (None, 1), "watermark": (None, False), "merged_adapters": (None,)}
 
-    # An uploaded adapter's name (empty or the base model's name means none), or with adapter_source "local" a path
-    # inside the server's --adapter-roots.
+    # An uploaded adapter's name (empty or the base model's name means none), or, inside the server's
+    # --adapter-roots, a path (adapter_source "local") or an s3:// URL (adapter_source "s3").
     adapter_id: str | None = None
-    adapter_source: str | None = Field(None, json_schema_extra={"enum": ["local", None]})  # nothing is fetched
+    adapter_source: str | None = Field(None, json_schema_extra={"enum": ["local", "s3", None]})
     api_token: str | None = None  # for private hub adapters; nothing is fetched, so it is ignored
     do_sample: bool = False
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
@@ -46,11 +46,17 @@ class GenerateParameters(RequestSchema):
     @field_validator("adapter_source")
     @classmethod
     def check_adapter_source(cls, source: str) -> str:
-        if source != "local":
+        if source not in ("local", "s3"):
             raise ValueError(f"this server has no adapter source {source!r}: it serves adapters uploaded to it "
-                             "(POST /v1/adapters) and, with adapter_source 'local', adapters named by their path "
-                             "inside its --adapter-roots")
+                             "(POST /v1/adapters) and, inside its --adapter-roots, adapters named by their path "
+                             "(adapter_source 'local') or s3:// URL ('s3')")
         return source
+
+    @model_validator(mode="after")
+    def check_s3_location(self) -> "GenerateParameters":
+        if self.adapter_source == "s3" and not (self.adapter_id or "").startswith("s3://"):
+            raise ValueError("adapter_source 's3' takes an s3:// URL as adapter_id")
+        return self
 
     @property
     def sampling(self) -> bool:

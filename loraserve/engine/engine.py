@@ -4,7 +4,6 @@ import logging
 import random
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -71,7 +70,7 @@ class LLMEngine:
                                         base_weights=ProjectionWeights(loaded.model),
                                         shared_store=config.shared_adapter_dir,
                                         remote_store=config.adapter_store)
-        roots = [Path(root) for root in (config.adapter_roots or "").split(",") if root]
+        roots = [root for root in (config.adapter_roots or "").split(",") if root]
         self.adapter_locations = AdapterLocations(self.adapters, roots)
         self.runner = ModelRunner(loaded.model, loaded.config, num_blocks, config.block_size, slots.layer_weights,
                                   slots.virtual_tokens)

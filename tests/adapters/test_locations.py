@@ -2,6 +2,7 @@
 import os
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from loraserve.adapters.errors import AdapterLocationError, AdapterNotFoundError
@@ -20,7 +21,7 @@ def root(make_adapter: MakeAdapter, tmp_path: Path) -> Path:
 def test_a_location_inside_a_root_is_copied_in_once_and_again_when_it_changes(make_registry: MakeRegistry,
                                                                              root: Path) -> None:
     registry, _ = make_registry()
-    locations = AdapterLocations(registry, [root])
+    locations = AdapterLocations(registry, [str(root)])
     first = locations.resolve(str(root / "adapter"))
     assert locations.resolve(str(root / "adapter")) == first  # unchanged: the same version, not copied again
     weights = root / "adapter" / WEIGHTS
@@ -37,7 +38,7 @@ def test_locations_outside_the_roots_are_refused(make_registry: MakeRegistry, ro
     outside = tmp_path / "outside"
     (root / "adapter").rename(outside)
     (root / "link").symlink_to(outside)  # inside by its name, outside once resolved
-    locations = AdapterLocations(registry, [root])
+    locations = AdapterLocations(registry, [str(root)])
     for location in (str(outside), str(root / "link"), f"{root}/../outside", "adapter"):
         with pytest.raises(AdapterLocationError):
             locations.resolve(location)
@@ -46,3 +47,26 @@ def test_locations_outside_the_roots_are_refused(make_registry: MakeRegistry, ro
     with pytest.raises(AdapterLocationError, match="--adapter-roots"):
         AdapterLocations(registry, []).resolve(str(outside))
     assert registry.records() == [] and registry.num_pins() == 0
+
+
+def test_a_location_in_an_allowed_object_store_is_read_through_fsspec(make_registry: MakeRegistry,
+                                                                      make_adapter: MakeAdapter,
+                                                                      tmp_path: Path) -> None:
+    """fsspec's in-memory store stands for s3:// or gs:// (same calls, no credentials)."""
+    registry, _ = make_registry()
+    store = fsspec.filesystem("memory")
+    root, source = f"memory://{tmp_path.name}/allowed", make_adapter()
+    for file in source.iterdir():
+        store.pipe_file(f"/{tmp_path.name}/allowed/team/adapter/{file.name}", file.read_bytes())
+    locations = AdapterLocations(registry, [root])
+    first = locations.resolve(f"{root}/team/adapter")
+    assert locations.resolve(f"{root}/team/adapter/") == first  # unchanged: not copied again
+    for file in make_adapter(rank=2).iterdir():  # retrained: another rank, so other files
+        store.pipe_file(f"/{tmp_path.name}/allowed/team/adapter/{file.name}", file.read_bytes())
+    assert locations.resolve(f"{root}/team/adapter").version == first.version + 1
+    for location in (f"{root}/team/../../elsewhere", f"memory://{tmp_path.name}/allowed-not/adapter",
+                     "memory://other/adapter"):
+        with pytest.raises(AdapterLocationError):
+            locations.resolve(location)
+    with pytest.raises(AdapterNotFoundError):
+        locations.resolve(f"{root}/team/missing")
