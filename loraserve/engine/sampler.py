@@ -70,10 +70,12 @@ def apply_penalties(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
 
 
 def truncate_distribution(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p, each per row; removed tokens get -inf."""
+    """Temperature, then top-k, top-p and min-p, each per row; removed tokens get -inf. Logits a tiny repetition
+    penalty or temperature sent to +inf are held at the largest float, so that the softmaxes here and after give
+    a distribution (those tokens share it) rather than NaN, whose draw could be a token a grammar forbids."""
     device = logits.device
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
-    logits = logits / temperature[:, None]
+    logits = (logits / temperature[:, None]).clamp(max=torch.finfo(logits.dtype).max)
     top_k = [p.top_k for p in params]
     top_p = [p.top_p for p in params]
     if any(top_k) or any(p < 1.0 for p in top_p):
@@ -110,8 +112,8 @@ def draw(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     total = cumulative[-1:]
     point = torch.rand(1, dtype=torch.float64, generator=generator, device=weights.device) * total
     point = torch.minimum(point, total.nextafter(torch.zeros_like(total)))  # below the total, whatever rounding did
-    # Weights that are not finite (logits a tiny repetition penalty sent to infinity) give no sensible draw, but
-    # still a token of the vocabulary, as any other row's garbage would be.
+    # The weights truncate_distribution makes are finite (it holds infinite logits at the largest float); should a
+    # caller's not be, the draw is still a token of the vocabulary.
     return torch.searchsorted(cumulative, point, right=True)[0].clamp(max=weights.shape[0] - 1)
 
 

@@ -116,3 +116,17 @@ def test_each_draft_position_is_penalised_as_if_the_drafts_before_it_were_accept
     (result,) = sample(logits, [sequence])
     assert result.token_ids == [5, 6]  # the second draft rejected; the target's 6 in its place
     assert (result.num_drafts, result.num_accepted) == (2, 1)
+
+
+def test_logits_sent_to_infinity_share_the_distribution_and_never_draw_a_masked_token():
+    """Found by the schemathesis fuzz: a repetition penalty of 5e-324 sends a seen token's positive logit to +inf;
+    its softmax was NaN, and the draw fell on the last token, which the grammar had masked (a 500)."""
+    from loraserve.engine.sampler import truncate_distribution
+
+    logits = torch.tensor([[0.5, 2.0, -1.0, 3.0, float("-inf")]])
+    logits[0, [1, 3]] /= 5e-324  # the penalised seen tokens: +inf
+    for top_p in (1.0, 5e-324):
+        probabilities = truncate_distribution(logits, [SamplingParams(temperature=1.0, top_p=top_p)]).softmax(dim=-1)
+        assert torch.isfinite(probabilities).all() and probabilities[0, 4] == 0
+        generator = torch.Generator().manual_seed(0)
+        assert {int(draw(probabilities[0], generator)) for _ in range(50)} <= {1, 3}
