@@ -11,8 +11,6 @@ import threading
 
 from loraserve.config import ServerConfig
 
-logger = logging.getLogger("loraserve")
-
 
 def serve_replicas(config: ServerConfig, admin_key: str | None) -> None:
     try:
