@@ -25,7 +25,8 @@ class DraftModelProposer:
     """Owns the draft model's runner, KV cache and block manager, and each running request's shadow."""
 
     def __init__(self, draft: LoadedModel, num_blocks: int, block_size: int, max_num_batched_tokens: int) -> None:
-        self.runner = ModelRunner(draft.model, draft.config, num_blocks, block_size, lora_weights=[])
+        self.runner = ModelRunner(draft.model, draft.config, num_blocks, block_size, lora_weights=[],
+                                  virtual_tokens=[])  # its sequences hold no adapter slot
         self.block_manager = BlockManager(num_blocks, block_size)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_length = draft.config.max_position_embeddings  # no draft past the draft model's context

@@ -25,11 +25,10 @@ class ModelRunner:
     virtual tokens of prompt-learning adapters, by slot); one call per step."""
 
     def __init__(self, model: LlamaModel, config: ModelConfig, num_blocks: int, block_size: int,
-                 lora_weights: list[dict[str, LoraWeights]],
-                 virtual_tokens: list[VirtualTokens | None] | None = None) -> None:
+                 lora_weights: list[dict[str, LoraWeights]], virtual_tokens: list[VirtualTokens | None]) -> None:
         self.model = model
         self.lora_weights = lora_weights
-        self.virtual_tokens = virtual_tokens or []
+        self.virtual_tokens = virtual_tokens  # by slot
         self.block_size = block_size
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
@@ -98,7 +97,7 @@ class ModelRunner:
     def _lora_slot(self, sequence: Sequence) -> int:
         """The slot whose LoRA pages the sequence's tokens read: none for a prompt-learning adapter's."""
         slot = sequence.adapter_slot
-        return slot if slot >= 0 and (slot >= len(self.virtual_tokens) or self.virtual_tokens[slot] is None) else -1
+        return slot if slot < 0 or self.virtual_tokens[slot] is None else -1
 
     def _write_given_kv(self, sequences: list[Sequence]) -> None:
         """Write a prefix-tuning adapter's keys and values, as they are, at the virtual positions a newly admitted
@@ -108,9 +107,7 @@ class ModelRunner:
                 continue
             start, end = sequence.pending_virtual_kv
             key_values = self.virtual_tokens[sequence.adapter_slot].key_values  # [layers, 2, virtual, width]
-            table = sequence.block_table
-            slots = torch.tensor([table[p // self.block_size] * self.block_size + p % self.block_size
-                                  for p in range(start, end)], dtype=torch.int64, device=self.device)
+            slots = torch.tensor(self._cache_slots(sequence, start, end), dtype=torch.int64, device=self.device)
             for layer, caches in enumerate(self.kv_caches):
                 for cache, given in zip(caches, key_values[layer]):
                     flat = cache.view(-1, *cache.shape[2:])
@@ -132,6 +129,12 @@ class ModelRunner:
             return None
         return torch.tensor(rows, dtype=torch.int64, device=self.device), torch.cat(parts)
 
+    def _cache_slots(self, sequence: Sequence, start: int, end: int) -> list[int]:
+        """Where positions [start, end) of the sequence sit in the KV cache, through its block table."""
+        table = sequence.block_table
+        return [table[position // self.block_size] * self.block_size + position % self.block_size
+                for position in range(start, end)]
+
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         tokens: list[int] = []
         positions: list[int] = []
@@ -145,9 +148,7 @@ class ModelRunner:
                 ids = [0 if token == VIRTUAL_TOKEN else token for token in ids]
             tokens.extend(ids)
             positions.extend(range(start, end))
-            table = sequence.block_table
-            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
-                         for p in range(start, end))
+            slots.extend(self._cache_slots(sequence, start, end))
             seq_lens.append(end)
             query_start.append(query_start[-1] + num_new)
         max_blocks = max(len(sequence.block_table) for sequence in batch.sequences)

@@ -86,13 +86,14 @@ class Ingress:
             if self.config.replica_routing == "adapter" else ""
         repeatable = forwarded.method == "GET" or forwarded.path in OPENAI_GENERATION | LORAX_GENERATION
         for attempt in range(RETRIES + 1 if repeatable else 1):
+            if attempt:
+                await asyncio.sleep(RETRY_WAIT_S)
             parts = self.replicas.options(stream=True, multiplexed_model_id=name).handle.remote(forwarded)
             try:
                 return parts, await parts.__anext__()
             except Exception:
                 logger.warning("an engine replica failed before answering %s %s (attempt %d)", forwarded.method,
                                forwarded.path, attempt + 1, exc_info=True)
-                await asyncio.sleep(RETRY_WAIT_S)
         return None
 
     @app.api_route("/{path:path}", methods=METHODS)
