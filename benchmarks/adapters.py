@@ -48,7 +48,7 @@ RANKS = (8, 16, 32, 64)
 TARGET_SETS = (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), tuple(TARGETS))
 # SmolLM2-135M, the embedded model: 30 layers, hidden 576, MLP 1536, 9 query heads and 3 KV heads of 64.
 EMBEDDED_SHAPE = BaseModelShape.for_llama(num_layers=30, hidden_size=576, intermediate_size=1536, num_heads=9,
-                                          num_kv_heads=3, head_dim=64)
+                                          num_kv_heads=3, head_dim=64, vocab_size=49152)
 
 
 def kind(index: int) -> tuple[int, tuple[str, ...]]:

@@ -22,6 +22,7 @@ from loraserve.config import ServerConfig
 from benchmarks.embedded import add_device_and_out, load_embedded
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.model_runner import StepOutput
 from loraserve.engine.scheduler import ScheduledBatch
 from loraserve.model.loader import LoadedModel
 
@@ -40,7 +41,7 @@ class PrefillCounter:
         self._execute = engine.runner.execute
         engine.runner.execute = self._count
 
-    def _count(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict]:
+    def _count(self, batch: ScheduledBatch) -> StepOutput:
         self.total += sum(max(0, min(num_new, sequence.num_prompt_tokens - sequence.num_computed_tokens))
                           for sequence, num_new in zip(batch.sequences, batch.num_new_tokens))
         return self._execute(batch)

@@ -1,12 +1,15 @@
-"""Decode tokens/s with speculative decoding by prompt lookup (n-gram) on and off, on the embedded model.
+"""Decode tokens/s with speculative decoding on and off, on the embedded model: prompt lookup (n-gram), Medusa
+heads (--medusa-heads, as benchmarks.train_medusa makes them) and a draft model (--draft-model; no smaller model of
+the embedded model's vocabulary ships with it, so only when given).
 
 Usage: python -m benchmarks.spec_decode [--spec-tokens 4] [--max-tokens 128] [--prompts 4] [--batch 8]
-                                        [--device auto] [--out benchmarks/out]
+                                        [--medusa-heads DIR] [--draft-model PATH] [--device auto]
+                                        [--out benchmarks/out]
 Two workloads of chat prompts, greedy: "repeating" asks the model to reproduce a passage (so prompt lookup finds
 what comes next in the prompt), "non-repeating" asks open questions (so it rarely finds anything). Each runs at
-batch 1 (--prompts requests, one at a time) and at batch --batch (that many requests submitted at once), each on
-two fresh engines, without and with speculation, in-process (LLMEngine, no HTTP). The two engines take turns step
-by step, so a change in the machine's load hits both alike. Decode tokens/s leaves prefill out: it counts the tokens
+batch 1 (--prompts requests, one at a time) and at batch --batch (that many requests submitted at once), on fresh
+engines, one without speculation and one per proposer, in-process (LLMEngine, no HTTP). The engines take turns
+step by step, so a change in the machine's load hits all alike. Decode tokens/s leaves prefill out: it counts the tokens
 of the steps after the one that gave the last request of a group its first token, over those steps' time.
 Acceptance is accepted / draft tokens; per position i, drafts whose token i was accepted / drafts. "same output"
 counts requests whose greedy output is identical with and without speculation (it must be all of them). Prints a
@@ -26,7 +29,8 @@ from loraserve.config import ServerConfig
 from benchmarks.embedded import add_device_and_out, load_embedded
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.sampling_params import SamplingParams
-from loraserve.model.loader import LoadedModel
+from loraserve.engine.async_engine import resolve_dtype
+from loraserve.model.loader import LoadedModel, load_model
 
 PASSAGES = {
     "lighthouse": (
@@ -138,25 +142,30 @@ class GroupRun:
             self.decode_seconds += seconds
 
 
-def make_engine(loaded: LoadedModel, spec_tokens: int, batch: int, args: argparse.Namespace) -> LLMEngine:
-    """A fresh engine, warmed up on a prompt that repeats, so prompt lookup proposes during the warm-up too."""
+def make_engine(loaded: LoadedModel, proposer: str, batch: int, args: argparse.Namespace,
+                draft: LoadedModel | None = None) -> LLMEngine:
+    """A fresh engine proposing with `proposer` ("none" for plain decoding), warmed up on a prompt that repeats, so
+    prompt lookup proposes during the warm-up too."""
+    spec_tokens = 0 if proposer == "none" else args.spec_tokens
     config = ServerConfig(spec_tokens=spec_tokens, spec_ngram_min=args.ngram_min, spec_ngram_max=args.ngram_max,
-                          block_size=16,
-                          kv_cache_memory=256 << 20, max_num_seqs=batch)
-    engine = LLMEngine(loaded, config)
+                          medusa_heads=str(args.medusa_heads) if proposer == "Medusa heads" else None,
+                          block_size=16, kv_cache_memory=256 << 20, max_num_seqs=batch)
+    engine = LLMEngine(loaded, config, draft=draft if proposer == "draft model" else None)
     warm_up = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     engine.generate([list(range(10, 26)) * 3] * batch, warm_up)
     return engine
 
 
-def measure(loaded: LoadedModel, prompts: list[list[int]], batch: int, args: argparse.Namespace
-            ) -> tuple[dict, dict]:
-    """`prompts` in groups of `batch` on two fresh engines, without and with speculation, taking turns."""
+def measure(loaded: LoadedModel, prompts: list[list[int]], batch: int, proposers: list[str],
+            args: argparse.Namespace, draft: LoadedModel | None) -> list[dict]:
+    """`prompts` in groups of `batch` on fresh engines, one without speculation and one per proposer, taking turns
+    step by step. Returns each engine's summary, the plain one first."""
     spec_tokens = args.spec_tokens
-    engines = [make_engine(loaded, 0, batch, args), make_engine(loaded, spec_tokens, batch, args)]
-    before = spec_counters(engines[1], spec_tokens)
+    names = ["none", *proposers]
+    engines = [make_engine(loaded, name, batch, args, draft) for name in names]
+    before = [spec_counters(engine, spec_tokens) for engine in engines]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    runs: list[list[GroupRun]] = [[], []]
+    runs: list[list[GroupRun]] = [[] for _ in engines]
     for start in range(0, len(prompts), batch):
         group = [GroupRun(engine, prompts[start:start + batch], params, start) for engine in engines]
         while not all(run.done for run in group):
@@ -168,13 +177,17 @@ def measure(loaded: LoadedModel, prompts: list[list[int]], batch: int, args: arg
         print(f"\r  batch {batch}: {start + len(group[0].request_ids)}/{len(prompts)} requests", end="",
               file=sys.stderr)
     print(file=sys.stderr)
-    drafts, draft_tokens, accepted, *per_position = (after - earlier for after, earlier
-                                                     in zip(spec_counters(engines[1], spec_tokens), before))
-    without, with_spec = (summarize(runs_of_engine) for runs_of_engine in runs)
-    with_spec.update({"drafts": int(drafts), "draft_tokens": int(draft_tokens), "accepted_tokens": int(accepted),
-                      "acceptance": accepted / draft_tokens if draft_tokens else 0.0,
-                      "acceptance_per_position": [count / drafts if drafts else 0.0 for count in per_position]})
-    return without, with_spec
+    summaries = []
+    for name, engine, earlier, runs_of_engine in zip(names, engines, before, runs):
+        drafts, draft_tokens, accepted, *per_position = (after - value for after, value
+                                                         in zip(spec_counters(engine, spec_tokens), earlier))
+        summary = summarize(runs_of_engine)
+        summary.update({"proposer": name, "drafts": int(drafts), "draft_tokens": int(draft_tokens),
+                        "accepted_tokens": int(accepted),
+                        "acceptance": accepted / draft_tokens if draft_tokens else 0.0,
+                        "acceptance_per_position": [count / drafts if drafts else 0.0 for count in per_position]})
+        summaries.append(summary)
+    return summaries
 
 
 def summarize(runs: list[GroupRun]) -> dict:
@@ -186,30 +199,35 @@ def summarize(runs: list[GroupRun]) -> dict:
             "decode_seconds": decode_seconds, "tokens_per_second": decode_tokens / decode_seconds}
 
 
-def compare(loaded: LoadedModel, workload: str, prompts: list[list[int]], batch: int, args: argparse.Namespace
-            ) -> dict:
-    """The same prompts without and with speculation; greedy, so the outputs must match token for token."""
-    without, with_spec = measure(loaded, prompts, batch, args)
-    mismatches = [index for index, (plain, speculated) in enumerate(zip(without["outputs"], with_spec["outputs"]))
-                  if plain != speculated]
-    for index in mismatches:
-        print(f"  MISMATCH {workload} batch {batch} request {index}:\n    without: "
-              f"{loaded.tokenizer.decode(without['outputs'][index])!r}\n    with:    "
-              f"{loaded.tokenizer.decode(with_spec['outputs'][index])!r}", file=sys.stderr)
-    return {"workload": workload, "batch": batch, "requests": len(prompts), "spec_tokens": args.spec_tokens,
-            "same_output": len(prompts) - len(mismatches), "mismatched_requests": mismatches,
-            "speedup": with_spec["tokens_per_second"] / without["tokens_per_second"],
-            "without": without, "with": with_spec}
+def compare(loaded: LoadedModel, workload: str, prompts: list[list[int]], batch: int, proposers: list[str],
+            args: argparse.Namespace, draft: LoadedModel | None) -> list[dict]:
+    """The same prompts without speculation and with each proposer; greedy, so the outputs must match token for
+    token. One result per proposer."""
+    without, *speculated = measure(loaded, prompts, batch, proposers, args, draft)
+    results = []
+    for with_spec in speculated:
+        mismatches = [index for index, (plain, output) in enumerate(zip(without["outputs"], with_spec["outputs"]))
+                      if plain != output]
+        for index in mismatches:
+            print(f"  MISMATCH {workload} batch {batch} {with_spec['proposer']} request {index}:\n    without: "
+                  f"{loaded.tokenizer.decode(without['outputs'][index])!r}\n    with:    "
+                  f"{loaded.tokenizer.decode(with_spec['outputs'][index])!r}", file=sys.stderr)
+        results.append({"workload": workload, "batch": batch, "requests": len(prompts),
+                        "proposer": with_spec["proposer"], "spec_tokens": args.spec_tokens,
+                        "same_output": len(prompts) - len(mismatches), "mismatched_requests": mismatches,
+                        "speedup": with_spec["tokens_per_second"] / without["tokens_per_second"],
+                        "without": without, "with": with_spec})
+    return results
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'workload':<15}{'batch':>6}{'spec':>6}{'tok/s without':>15}{'tok/s with':>12}{'speedup':>9}"
-          f"{'accept':>8}  {'per position':<24}{'same output':>12}{'mean tokens':>12}")
+    print(f"\n{'workload':<15}{'batch':>6}  {'proposer':<15}{'spec':>5}{'tok/s without':>15}{'tok/s with':>12}"
+          f"{'speedup':>9}{'accept':>8}  {'per position':<24}{'same output':>12}{'mean tokens':>12}")
     for result in results:
         with_spec = result["with"]
         per_position = " ".join(f"{value:.2f}" for value in with_spec["acceptance_per_position"])
         mean_tokens = with_spec["generated_tokens"] / result["requests"]
-        print(f"{result['workload']:<15}{result['batch']:>6}{result['spec_tokens']:>6}"
+        print(f"{result['workload']:<15}{result['batch']:>6}  {result['proposer']:<15}{result['spec_tokens']:>5}"
               f"{result['without']['tokens_per_second']:>15.1f}{with_spec['tokens_per_second']:>12.1f}"
               f"{result['speedup']:>8.2f}x{with_spec['acceptance']:>8.2f}  {per_position:<24}"
               f"{result['same_output']:>7}/{result['requests']:<4}{mean_tokens:>12.1f}")
@@ -221,34 +239,36 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     results = summary["results"]
-    labels = [f"{result['workload']}\nbatch {result['batch']}" for result in results]
-    figure, (speed_axis, accept_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.38
-    for offset, (key, label, color) in enumerate((("without", "no speculation", "#999999"),
-                                                  ("with", f"prompt lookup, k={summary['spec_tokens']}", "#3b7dd8"))):
-        positions = [index + (offset - 0.5) * width for index in range(len(results))]
-        speed_axis.bar(positions, [result[key]["tokens_per_second"] for result in results], width, label=label,
-                       color=color)
-    for index, result in enumerate(results):
-        speed_axis.annotate(f"{result['speedup']:.2f}x", (index, max(result["without"]["tokens_per_second"],
-                                                                     result["with"]["tokens_per_second"])),
-                            ha="center", va="bottom", fontsize=8)
-    speed_axis.set_xticks(range(len(results)), labels, fontsize=8)
+    groups = sorted({(result["workload"], result["batch"]) for result in results},
+                    key=lambda group: [(r["workload"], r["batch"]) for r in results].index(group))
+    proposers = list(dict.fromkeys(result["proposer"] for result in results))
+    figure, (speed_axis, accept_axis) = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / (len(proposers) + 1)
+    colors = ["#999999", "#3b7dd8", "#d8843b", "#3bd87d"]
+    by_key = {(result["workload"], result["batch"], result["proposer"]): result for result in results}
+    bars = [("no speculation", lambda group: by_key[(*group, proposers[0])]["without"]["tokens_per_second"])]
+    bars += [(name, lambda group, name=name: by_key[(*group, name)]["with"]["tokens_per_second"])
+             for name in proposers]
+    for offset, ((label, value), color) in enumerate(zip(bars, colors)):
+        positions = [index + (offset - len(proposers) / 2) * width for index in range(len(groups))]
+        speed_axis.bar(positions, [value(group) for group in groups], width, label=label, color=color)
+    speed_axis.set_xticks(range(len(groups)), [f"{workload}\nbatch {batch}" for workload, batch in groups],
+                          fontsize=8)
     speed_axis.set_ylabel("decode tokens/s")
     speed_axis.set_title("decode throughput")
     speed_axis.legend(fontsize=8)
     for result in results:
         per_position = result["with"]["acceptance_per_position"]
         accept_axis.plot(range(len(per_position)), per_position, marker="o",
-                         label=f"{result['workload']}, batch {result['batch']}")
+                         label=f"{result['proposer']}: {result['workload']}, batch {result['batch']}")
     accept_axis.set_xticks(range(summary["spec_tokens"]))
     accept_axis.set_xlabel("draft position")
     accept_axis.set_ylabel("accepted / drafts")
     accept_axis.set_ylim(0, 1)
     accept_axis.set_title("acceptance by draft position")
-    accept_axis.legend(fontsize=8)
-    figure.suptitle(f"n-gram prompt lookup, greedy, max {summary['max_tokens']} tokens, embedded model, "
-                    f"{summary['device']}")
+    accept_axis.legend(fontsize=6)
+    figure.suptitle(f"speculative decoding, greedy, k={summary['spec_tokens']}, max {summary['max_tokens']} tokens, "
+                    f"embedded model, {summary['device']}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -261,20 +281,26 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=4, help="requests per workload at batch 1")
     parser.add_argument("--batch", type=int, default=8, help="the larger batch size (as many requests)")
+    parser.add_argument("--medusa-heads", type=Path, help="Medusa heads for the embedded model (made by "
+                        "benchmarks.train_medusa) to compare beside prompt lookup")
+    parser.add_argument("--draft-model", help="a draft model (same tokenizer) to compare too")
     add_device_and_out(parser)
     args = parser.parse_args()
     loaded = load_embedded(args)
     device = next(loaded.model.parameters()).device
+    draft = load_model(args.draft_model, device, resolve_dtype(args.dtype), "auto") if args.draft_model else None
+    proposers = ["prompt lookup"] + ["Medusa heads"] * bool(args.medusa_heads) + ["draft model"] * bool(draft)
     workloads = {"repeating": repeating_messages(), "non-repeating": OPEN_QUESTIONS}
     results = []
     for workload, messages in workloads.items():
         for batch, count in ((1, args.prompts), (args.batch, args.batch)):
             print(f"{workload}, batch {batch}:", file=sys.stderr)
-            results.append(compare(loaded, workload, chat_prompts(loaded, messages, count), batch, args))
+            results += compare(loaded, workload, chat_prompts(loaded, messages, count), batch, proposers, args, draft)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} ({os.cpu_count()} cores)"
     summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device_name,
                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "spec_tokens": args.spec_tokens,
                "spec_ngram_min": args.ngram_min, "spec_ngram_max": args.ngram_max, "max_tokens": args.max_tokens,
+               "medusa_heads": str(args.medusa_heads) if args.medusa_heads else None, "draft_model": args.draft_model,
                "results": results}
     print_table(results)
     (args.out / "spec_decode.json").write_text(json.dumps(summary, indent=2))

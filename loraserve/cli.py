@@ -74,6 +74,9 @@ HELP = {
     "spec_ngram_max": "prompt lookup: longest suffix matched (longer matches are tried first)",
     "draft_model": "propose with this smaller model (Hugging Face directory or .gguf, same tokenizer) instead of "
                    "prompt lookup; needs --spec-tokens",
+    "medusa_heads": "propose with Medusa heads trained for the model (a directory of config.json and "
+                    "medusa_lm_head.safetensors, as Medusa and LoRAX save them) instead of prompt lookup; needs "
+                    "--spec-tokens, at most one per head",
     "shutdown_timeout": "seconds running requests get to finish after SIGTERM before they are stopped; new "
                         "requests get 503 meanwhile",
 }

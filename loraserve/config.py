@@ -38,6 +38,7 @@ class ServerConfig:
     spec_ngram_min: int = 2  # prompt lookup matches suffixes of spec_ngram_min to spec_ngram_max tokens
     spec_ngram_max: int = 4
     draft_model: str | None = None  # propose with this model (same tokenizer) instead of prompt lookup
+    medusa_heads: str | None = None  # propose with these Medusa heads (a directory) instead of prompt lookup
     shutdown_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
     replicas: int = 1  # engine replicas; more than one run as a Ray Serve application (the ray extra)
     replica_routing: str = "adapter"  # replicas: an adapter's requests to a replica holding it, or by load alone

@@ -15,19 +15,20 @@ class BaseModelShape:
 
     num_layers: int
     module_shapes: dict[str, tuple[int, int]]
+    vocab_size: int  # what Medusa heads with their own projections must project to
 
     def __post_init__(self) -> None:
         assert set(self.module_shapes) == set(TARGETS), f"need shapes for exactly {list(TARGETS)}"
 
     @classmethod
     def for_llama(cls, num_layers: int, hidden_size: int, intermediate_size: int, num_heads: int,
-                  num_kv_heads: int, head_dim: int) -> "BaseModelShape":
+                  num_kv_heads: int, head_dim: int, vocab_size: int) -> "BaseModelShape":
         return cls(num_layers, {
             "q_proj": (hidden_size, num_heads * head_dim), "k_proj": (hidden_size, num_kv_heads * head_dim),
             "v_proj": (hidden_size, num_kv_heads * head_dim), "o_proj": (num_heads * head_dim, hidden_size),
             "gate_proj": (hidden_size, intermediate_size), "up_proj": (hidden_size, intermediate_size),
             "down_proj": (intermediate_size, hidden_size),
-        })
+        }, vocab_size)
 
     @property
     def hidden_size(self) -> int:
@@ -52,6 +53,7 @@ class AdapterInfo:
     use_dora: bool = dataclasses.field(default=False, kw_only=True)
     kind: str = dataclasses.field(default=LORA, kw_only=True)
     num_virtual_tokens: int = dataclasses.field(default=0, kw_only=True)  # positions it takes before the prompt
+    num_medusa_heads: int = dataclasses.field(default=0, kw_only=True)  # its own Medusa heads, if it brought some
 
     @property
     def num_pages(self) -> int:
@@ -67,4 +69,5 @@ class AdapterInfo:
     def info(self) -> "AdapterInfo":
         """The description alone, to keep after the weights are dropped."""
         return AdapterInfo(self.rank, self.alpha, self.use_rslora, self.targets, self.size_bytes,
-                           use_dora=self.use_dora, kind=self.kind, num_virtual_tokens=self.num_virtual_tokens)
+                           use_dora=self.use_dora, kind=self.kind, num_virtual_tokens=self.num_virtual_tokens,
+                           num_medusa_heads=self.num_medusa_heads)

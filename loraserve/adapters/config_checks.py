@@ -8,6 +8,11 @@ from loraserve.adapters.errors import AdapterFormatError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# An adapter's own Medusa heads, beside its PEFT files (LoRAX's layout), when it brings some.
+MEDUSA_CONFIG_FILE = "config.json"
+MEDUSA_WEIGHTS_FILE = "medusa_lm_head.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+OPTIONAL_FILES = (MEDUSA_CONFIG_FILE, MEDUSA_WEIGHTS_FILE)
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from loraserve.adapters.adapter_info import AdapterInfo, BaseModelShape
 from loraserve.adapters.config_checks import CONFIG_FILE
 from loraserve.adapters.errors import AdapterFormatError
 from loraserve.adapters.lora_config import TARGETS, Module, read_lora_settings
+from loraserve.adapters.medusa_format import MedusaWeights
 from loraserve.adapters.safetensors_reader import check_dtype, read_finite_tensors, tensor_headers
 
 # PEFT over LlamaForCausalLM saves base_model.model.model.layers...; over LlamaModel, base_model.model.layers...
@@ -33,6 +34,7 @@ class LoraAdapter(AdapterInfo):
     # output feature is multiplied by, less one (`column_scales`), which needs the base weights.
     magnitudes: dict[Module, torch.Tensor] = dataclasses.field(default_factory=dict)
     column_scales: dict[Module, torch.Tensor] = dataclasses.field(default_factory=dict)
+    medusa_heads: MedusaWeights | None = dataclasses.field(default=None, kw_only=True)  # its own, if it has some
 
     def scale_of(self, module: Module) -> float:
         return self.module_scales.get(module, self.scale)

@@ -16,6 +16,7 @@ import torch
 from loraserve.adapters.adapter_info import PREFIX_TUNING, PROMPT_TUNING, AdapterInfo, BaseModelShape
 from loraserve.adapters.config_checks import CONFIG_FILE, is_int, refuse_options
 from loraserve.adapters.errors import AdapterFormatError
+from loraserve.adapters.medusa_format import MedusaWeights
 from loraserve.adapters.safetensors_reader import check_dtype, read_finite_tensors, tensor_headers
 
 TENSOR = "prompt_embeddings"
@@ -41,6 +42,7 @@ class VirtualTokens:
 @dataclass(frozen=True)
 class PromptLearningAdapter(AdapterInfo):
     virtual_tokens: VirtualTokens
+    medusa_heads: MedusaWeights | None = dataclasses.field(default=None, kw_only=True)  # its own, if it has some
 
 
 def inspect_prompt_learning(config: dict[str, Any], weights_path: Path, base: BaseModelShape) -> AdapterInfo:

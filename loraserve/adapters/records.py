@@ -22,3 +22,4 @@ class AdapterRecord:
     created_at: float
     kind: str  # adapter_info.LORA, PROMPT_TUNING or PREFIX_TUNING
     num_virtual_tokens: int
+    num_medusa_heads: int  # the adapter's own Medusa heads (0: its requests use the base model's, if any)

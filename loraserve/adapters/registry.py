@@ -384,4 +384,4 @@ class AdapterRegistry:
         info = entry.info
         return AdapterRecord(ref.name, ref.version, info.rank, info.alpha, list(info.targets), info.size_bytes,
                              self._tiers.tier(ref), entry.requests_served, entry.created_at, info.kind,
-                             info.num_virtual_tokens)
+                             info.num_virtual_tokens, info.num_medusa_heads)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import fsspec
 
-from loraserve.adapters.config_checks import CONFIG_FILE, WEIGHTS_FILE
+from loraserve.adapters.config_checks import ADAPTER_FILES, OPTIONAL_FILES
 
 MARKER = "COMMITTED"
 LISTING_TTL_S = 2.0
@@ -39,16 +39,19 @@ class RemoteStore:
         if self.filesystem.exists(f"{target}/{MARKER}"):
             raise FileExistsError(f"version {version} of {name!r} is already in {self.url}")
         self.filesystem.makedirs(target, exist_ok=True)  # object stores have no directories: nothing to do there
-        for file in (CONFIG_FILE, WEIGHTS_FILE):
-            self.filesystem.put_file(str(directory / file), f"{target}/{file}")
+        for file in ADAPTER_FILES + OPTIONAL_FILES:
+            if (directory / file).is_file():
+                self.filesystem.put_file(str(directory / file), f"{target}/{file}")
         self.filesystem.pipe_file(f"{target}/{MARKER}", b"")
         self._listings.pop(name, None)
 
     def fetch(self, name: str, version: int, into: Path) -> None:
         """A committed version's files, into `into` (a new directory)."""
         into.mkdir(parents=True)
-        for file in (CONFIG_FILE, WEIGHTS_FILE):
-            self.filesystem.get_file(f"{self.root}/{name}/v{version}/{file}", str(into / file))
+        source = f"{self.root}/{name}/v{version}"
+        present = {Path(entry).name for entry in self.filesystem.ls(source, detail=False)}
+        for file in ADAPTER_FILES + tuple(file for file in OPTIONAL_FILES if file in present):
+            self.filesystem.get_file(f"{source}/{file}", str(into / file))
 
     def delete(self, name: str, version: int | None = None) -> None:
         """A name, or one of its versions (the marker first, so no reader takes it half deleted)."""

@@ -2,16 +2,16 @@
 of it is copied.
 
 The path comes from a client, so how it fails must reveal nothing of what exists there: every way of not being an
-adapter directory gets one message. Its two files must be regular files inside it (a link may not lead out, say
-to /proc/self/mem), and together they count against the same size limit as an upload.
+adapter directory gets one message. Its files (two, and its Medusa heads' if present) must be regular files inside
+it (a link may not lead out, say to /proc/self/mem), and together they count against the same size limit as an
+upload.
 """
 import os
 import stat
 from pathlib import Path
 
 from loraserve.adapters.errors import AdapterFormatError, AdapterTooLargeError
-from loraserve.adapters.config_checks import WEIGHTS_FILE
-from loraserve.adapters.config_checks import CONFIG_FILE
+from loraserve.adapters.config_checks import ADAPTER_FILES, CONFIG_FILE, OPTIONAL_FILES, WEIGHTS_FILE
 
 NOT_AN_ADAPTER = (f"lora_path does not lead to an adapter this server can read: a directory holding {CONFIG_FILE} "
                   f"and {WEIGHTS_FILE} (pickled weights are refused) as regular files, no link leading out of it")
@@ -23,7 +23,8 @@ def checked_source_files(directory: Path, max_bytes: int) -> dict[str, Path]:
     files, total = {}, 0
     try:
         root = directory.resolve(strict=True)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
+        present = [name for name in OPTIONAL_FILES if os.path.lexists(root / name)]
+        for name in ADAPTER_FILES + tuple(present):
             target = (root / name).resolve(strict=True)
             status = target.stat()
             if not target.is_relative_to(root) or not stat.S_ISREG(status.st_mode):

@@ -16,6 +16,7 @@ import torch
 from loraserve.adapters.adapter_info import BaseModelShape
 from loraserve.adapters.format import Adapter
 from loraserve.adapters.lora_format import LoraAdapter
+from loraserve.adapters.medusa_format import MedusaWeights
 from loraserve.adapters.prompt_learning import PromptLearningAdapter, VirtualTokens
 from loraserve.huge_pages import advise_huge_pages
 from loraserve.kernels import cpu_adapter_copy, cpu_lora
@@ -66,7 +67,8 @@ class SlotPool:
         self.slot_pages = torch.zeros(num_slots, max_rank, dtype=torch.int64, device=device)
         self.scale_pages = torch.zeros(num_slots, dtype=torch.int64)  # a DoRA slot's column-scale page, else 0
         self.virtual_tokens: list[VirtualTokens | None] = [None] * num_slots  # a prompt-learning slot's, else None
-        self.device = device
+        self.medusa_heads: list[MedusaWeights | None] = [None] * num_slots  # the Medusa heads a slot's adapter brought
+        self.device, self.dtype = device, dtype
         self._pools = {projection: _allocate(base, targets, num_pages + 1, num_slots, device, dtype)
                        for projection, targets in FUSED_PROJECTIONS.items()}
         self.layer_weights: list[dict[str, LoraWeights]] = [
@@ -102,7 +104,10 @@ class SlotPool:
 
     def write(self, slot: int, pages: list[int], adapter: Adapter) -> None:
         """Copy the adapter into `pages` (one per rank component, then a DoRA adapter's column scales) and point
-        the slot at them; a prompt-learning adapter's virtual tokens go to the device beside them."""
+        the slot at them; a prompt-learning adapter's virtual tokens, and the Medusa heads an adapter brings, go to
+        the device beside them."""
+        if adapter.medusa_heads is not None:
+            self.medusa_heads[slot] = adapter.medusa_heads.to(self.device, self.dtype)
         if isinstance(adapter, PromptLearningAdapter):
             assert not pages, f"a prompt-learning adapter takes no pages, got {len(pages)}"
             self.virtual_tokens[slot] = adapter.virtual_tokens.to(self.device)
@@ -128,6 +133,7 @@ class SlotPool:
         self.slot_pages[slot] = 0
         self.scale_pages[slot] = 0
         self.virtual_tokens[slot] = None
+        self.medusa_heads[slot] = None
         for projection in self._pools:
             self._set_ranks(projection, slot, [0] * len(self.layer_weights))
 

@@ -22,4 +22,5 @@ def adapter_object(record: AdapterRecord) -> dict:
     return {"id": record.name, "object": "adapter", "version": record.version, "rank": record.rank,
             "alpha": record.alpha, "targets": list(record.targets), "size_bytes": record.size_bytes,
             "tier": record.tier, "requests_served": record.requests_served, "created_at": int(record.created_at),
-            "kind": record.kind, "num_virtual_tokens": record.num_virtual_tokens}
+            "kind": record.kind, "num_virtual_tokens": record.num_virtual_tokens,
+            "num_medusa_heads": record.num_medusa_heads}

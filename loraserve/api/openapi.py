@@ -70,7 +70,11 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
     "properties": {"name": {"type": "string", "pattern": ADAPTER_NAME_PATTERN,
                             "description": "the adapter's name (a new version if taken)"},
                    "adapter_config.json": {"type": "string", "format": "binary"},
-                   "adapter_model.safetensors": {"type": "string", "format": "binary"}}}}}}}
+                   "adapter_model.safetensors": {"type": "string", "format": "binary"},
+                   "config.json": {"type": "string", "format": "binary",
+                                   "description": "the adapter's own Medusa heads' config (optional)"},
+                   "medusa_lm_head.safetensors": {"type": "string", "format": "binary",
+                                                  "description": "the adapter's own Medusa heads (optional)"}}}}}}}
 
 
 def document_errors(responses: dict[str, dict[str, Any]]) -> None:

@@ -10,15 +10,14 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from loraserve.adapters.errors import AdapterFormatError, AdapterTooLargeError
-from loraserve.adapters.config_checks import WEIGHTS_FILE
-from loraserve.adapters.config_checks import CONFIG_FILE
+from loraserve.adapters.config_checks import ADAPTER_FILES, OPTIONAL_FILES, WEIGHTS_FILE
 from loraserve.api.errors import InvalidRequestError
 
 NAME_FIELD = "name"
-ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # torch.load formats: loading one runs its code
 MAX_NAME_BYTES = 1024
-EXPECTED_FIELDS = f"'{NAME_FIELD}' and the files {' and '.join(repr(name) for name in ADAPTER_FILES)}"
+EXPECTED_FIELDS = (f"'{NAME_FIELD}' and the files {' and '.join(repr(name) for name in ADAPTER_FILES)} (and, for "
+                   f"the adapter's own Medusa heads, {' and '.join(repr(name) for name in OPTIONAL_FILES)})")
 
 
 class AdapterUpload:
@@ -64,7 +63,7 @@ class AdapterUpload:
                                      f"arbitrary code; upload {WEIGHTS_FILE} instead")
         if field in self.received:
             raise InvalidRequestError(f"the form has {field!r} twice", field)
-        if field != NAME_FIELD and field not in ADAPTER_FILES:
+        if field != NAME_FIELD and field not in ADAPTER_FILES + OPTIONAL_FILES:
             raise InvalidRequestError(f"unexpected form field {field!r}; send {EXPECTED_FIELDS}", field)
         self.received.add(field)
         self.file = None if field == NAME_FIELD else open(self.directory / field, "wb")

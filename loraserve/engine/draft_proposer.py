@@ -62,7 +62,7 @@ class DraftModelProposer:
             budget -= num_new
         if batch.empty:
             return []
-        logits, sampling, _ = self.runner.execute(batch)
+        logits, sampling, _, _ = self.runner.execute(batch)
         for shadow, num_new in zip(batch.sequences, batch.num_new_tokens):
             shadow.num_computed_tokens += num_new
         sampled = [batch.sequences[row] for row in sampling]
@@ -121,3 +121,6 @@ class DraftModelProposer:
         shadow = self.shadows.pop(request_id, None)
         if shadow is not None:
             self.block_manager.free(shadow)
+
+    def wants_hidden_state(self, sequence: Sequence) -> bool:
+        return False

@@ -84,7 +84,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.seed_source = random.Random(config.seed)
         self.num_speculative_tokens = config.spec_tokens
-        self.proposer = make_proposer(config, loaded.config, draft, num_blocks)
+        self.proposer = make_proposer(config, loaded, draft, num_blocks, slots.medusa_heads)
         self.consecutive_culprits = 0
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
@@ -180,9 +180,11 @@ class LLMEngine:
         if not work:
             return []
         batch = ScheduledBatch([sequence for sequence, _ in work], [num_new for _, num_new in work])
-        logits, sampling, prompt_scores = self.runner.execute(batch)
+        logits, sampling, prompt_scores, hidden = self.runner.execute(batch)
         sampled = [batch.sequences[index] for index in sampling]
         results = sample(logits, sampled)
+        if self.proposer is not None:
+            self._keep_hidden_states(sampled, results, hidden)
         self.consecutive_culprits = 0
         for sequence, num_new in work:
             sequence.num_computed_tokens += num_new
@@ -198,6 +200,16 @@ class LLMEngine:
                     raise
                 outputs.append(self._fail(sequence, error))
         return outputs
+
+    def _keep_hidden_states(self, sequences: list[Sequence], results: list[Sampled], hidden: torch.Tensor) -> None:
+        """Keep, for the sequences the proposer guesses from hidden states, the row its last new token was sampled
+        from (a view of this step's rows, not a copy). Before the tokens are appended: rows follow the drafts."""
+        start = 0
+        for sequence, result in zip(sequences, results):
+            if self.proposer.wants_hidden_state(sequence):
+                sequence.hidden_state = hidden[start + result.num_accepted]
+                sequence.hidden_state_length = sequence.num_tokens + len(result.token_ids)
+            start += result.num_drafts + 1
 
     def _propose(self) -> None:
         """Draft tokens for every running request that is decoding and allows it, within its max_tokens. A

@@ -1,4 +1,6 @@
 """Turns a scheduled batch into flat tensors, runs the model over the paged KV cache, returns logits."""
+from typing import NamedTuple
+
 import torch
 
 from loraserve.adapters.prompt_learning import VirtualTokens
@@ -11,6 +13,15 @@ from loraserve.engine.scheduler import ScheduledBatch
 from loraserve.engine.sequence import VIRTUAL_TOKEN, Sequence
 from loraserve.model.config import ModelConfig
 from loraserve.model.llama import LlamaModel
+
+
+class StepOutput(NamedTuple):
+    """What one step computed: see `ModelRunner.execute`."""
+
+    logits: torch.Tensor  # [rows, vocab], float32
+    sampling: list[int]  # the batch indices of the sequences the rows belong to, in order
+    prompt_scores: dict[int, list[TokenLogprob]]  # by batch index
+    hidden: torch.Tensor  # [rows, hidden]: the final hidden state each row's logits were computed from
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -55,12 +66,13 @@ class ModelRunner:
         return scale_pages is not None and any(scale_pages[slot] for slot in set(token_slots) if slot >= 0)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict[int, list[TokenLogprob]]]:
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
         """Compute the batch's new tokens. Return the logits of the sequences whose chunk reaches their last
-        token (they sample next, unless they only score their prompt), those sequences' indices in the batch, and
-        the prompt tokens' scores of the sequences that asked, by index. A sampling sequence gets a row for each
-        new position from its last verified token on, in order: the logits that verify its drafts, then the
-        one after them (a single row without drafts)."""
+        token (they sample next, unless they only score their prompt), those sequences' indices in the batch, the
+        prompt tokens' scores of the sequences that asked, by index, and the hidden states the logits came from
+        (the rows the head read, not a copy; proposers that guess from them keep the rows they need). A sampling
+        sequence gets a row for each new position from its last verified token on, in order: the logits that
+        verify its drafts, then the one after them (a single row without drafts)."""
         self._write_given_kv(batch.sequences)
         input_ids, positions, metadata, query_ends = self._prepare(batch)
         embeddings = self._virtual_embeddings(batch, query_ends)
@@ -85,7 +97,8 @@ class ModelRunner:
                                  query_ends[index])]
         rows_tensor = torch.tensor(rows, dtype=torch.int64, device=self.device)
         scores = score_prompts(self.model, hidden, batch.sequences, batch.num_new_tokens, query_ends)
-        return self.model.compute_logits(hidden.index_select(0, rows_tensor)), sampling, scores
+        sampled_hidden = hidden.index_select(0, rows_tensor)
+        return StepOutput(self.model.compute_logits(sampled_hidden), sampling, scores, sampled_hidden)
 
     @staticmethod
     def _num_sampled_rows(sequence: Sequence, num_new: int) -> int:

@@ -2,6 +2,8 @@
 verifies all at once in the step that would otherwise compute one token.
 
 A proposer sets `draft_token_ids` (and, if it sampled them, `draft_probabilities`) on the sequences it is given.
+One that guesses from the target's hidden states says which sequences it wants them for; the engine keeps each such
+sequence's last one (`Sequence.hidden_state`) from the step that sampled its last token.
 """
 from typing import Protocol
 
@@ -16,6 +18,9 @@ class Proposer(Protocol):
 
     def release(self, request_id: str) -> None:
         """Forget a finished request and free whatever was kept for it."""
+
+    def wants_hidden_state(self, sequence: Sequence) -> bool:
+        """Whether it guesses this sequence's drafts from the target's last hidden state."""
 
 
 class TokenHistory:
@@ -76,3 +81,6 @@ class NgramProposer:
 
     def release(self, request_id: str) -> None:
         self.histories.pop(request_id, None)
+
+    def wants_hidden_state(self, sequence: Sequence) -> bool:
+        return False

@@ -63,6 +63,10 @@ class Sequence:
     # the proposer's distribution over each ([num_drafts, vocab]; None when drafts were picked deterministically).
     draft_token_ids: list[int] = field(default_factory=list)
     draft_probabilities: torch.Tensor | None = None
+    # For a proposer that guesses from the target's hidden states (Medusa): the final hidden state at the position
+    # whose logits gave the last token, and the token count it was kept at (stale once tokens were added without it).
+    hidden_state: torch.Tensor | None = None
+    hidden_state_length: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

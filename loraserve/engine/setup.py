@@ -8,10 +8,13 @@ import torch
 from torch import nn
 
 from loraserve.adapters.adapter_info import BaseModelShape
+from loraserve.adapters.errors import AdapterError
+from loraserve.adapters.medusa_format import MedusaWeights, load_medusa_heads
 from loraserve.adapters.scratch import ScratchAdapterDirectory, remove_abandoned
 from loraserve.adapters.slot_pool import page_bytes
 from loraserve.config import ServerConfig
 from loraserve.engine.draft_proposer import DraftModelProposer
+from loraserve.engine.medusa_proposer import MedusaProposer
 from loraserve.engine.model_runner import kv_block_bytes
 from loraserve.engine.proposers import NgramProposer, Proposer
 from loraserve.model.config import ModelConfig
@@ -33,25 +36,53 @@ def kv_cache_blocks(config: ServerConfig, models: list[LoadedModel]) -> tuple[in
     return num_blocks, block_bytes
 
 
-def make_proposer(config: ServerConfig, target: ModelConfig, draft: LoadedModel | None, num_blocks: int
-                  ) -> Proposer | None:
-    """The draft model when one is given, else prompt lookup; None when speculation is off (no --spec-tokens)."""
+def make_proposer(config: ServerConfig, target: LoadedModel, draft: LoadedModel | None, num_blocks: int,
+                  adapter_heads: list[MedusaWeights | None]) -> Proposer | None:
+    """Medusa heads (the base's when given, and those adapters bring, by slot in `adapter_heads`), with the draft
+    model or prompt lookup for requests that have none; None when speculation is off (no --spec-tokens)."""
     if config.spec_tokens == 0:
-        if draft is not None:
-            raise ValueError("a draft model needs --spec-tokens: how many tokens it proposes per step")
+        for flag, given in (("a draft model", draft is not None), ("Medusa heads", config.medusa_heads)):
+            if given:
+                raise ValueError(f"{flag} needs --spec-tokens: how many tokens it proposes per step")
         return None
+    base_heads = None if config.medusa_heads is None else medusa_heads(config, target)
+    if base_heads is not None and draft is not None:
+        raise ValueError("--medusa-heads and --draft-model would both propose for every request: choose one")
+    return MedusaProposer(target.model, base_heads, adapter_heads,
+                          others=None if base_heads is not None else other_proposer(config, target, draft, num_blocks))
+
+
+def other_proposer(config: ServerConfig, target: LoadedModel, draft: LoadedModel | None, num_blocks: int
+                   ) -> Proposer:
+    """The draft model when one is given, else prompt lookup."""
     if draft is None:
         return NgramProposer(config.spec_ngram_min, config.spec_ngram_max)
-    if draft.config.vocab_size != target.vocab_size:
+    if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the "
-                         f"target's ({target.vocab_size}): it must share the target's tokenizer")
+                         f"target's ({target.config.vocab_size}): it must share the target's tokenizer")
     return DraftModelProposer(draft, num_blocks, config.block_size, config.max_num_batched_tokens)
+
+
+def medusa_heads(config: ServerConfig, target: LoadedModel) -> MedusaWeights:
+    """The base model's Medusa heads (--medusa-heads), checked against it and against --spec-tokens."""
+    try:
+        weights = load_medusa_heads(Path(config.medusa_heads), target.config.hidden_size, target.config.vocab_size)
+    except AdapterError as error:
+        raise ValueError(f"--medusa-heads {config.medusa_heads}: {error}") from error
+    if config.spec_tokens > weights.num_heads:
+        raise ValueError(f"--spec-tokens {config.spec_tokens} asks for more drafts than the {weights.num_heads} "
+                         f"Medusa heads guess (one each)")
+    parameter = next(target.model.parameters())
+    logger.info("Medusa heads: %d of %d layers%s", weights.num_heads, weights.block_weights.shape[1],
+                " with their own projections" if weights.projections is not None else " on the model's head")
+    return weights.to(parameter.device, parameter.dtype)
 
 
 def adapter_base_shape(config: ModelConfig) -> BaseModelShape:
     """What every adapter must fit: the projections' shapes and the layer count."""
     return BaseModelShape.for_llama(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
-                                    config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+                                    config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                                    config.vocab_size)
 
 
 def adapter_dtype(model: nn.Module) -> torch.dtype:

@@ -15,7 +15,7 @@ from loraserve.adapters.registry import AdapterRegistry
 from loraserve.adapters.slot_pool import SlotPool
 
 BASE = BaseModelShape.for_llama(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
-                                head_dim=16)
+                                head_dim=16, vocab_size=320)
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 MAX_RANK = 8  # of the registries the tests make (`make_registry`)

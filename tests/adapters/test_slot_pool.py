@@ -118,7 +118,7 @@ def test_pages_split_into_runs_and_layers_with_gaps_hold_exactly_the_new_adapter
     zeros. The CUDA kernels read a slot's pages in every layer, adapted or not; the CPU ones only in layers where
     the slot's rank is non-zero, so there the others may keep what they held."""
     base = BaseModelShape.for_llama(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4,
-                                    num_kv_heads=2, head_dim=16)
+                                    num_kv_heads=2, head_dim=16, vocab_size=320)
     pool = SlotPool(base, num_slots=3, num_pages=12, max_rank=MAX_RANK, device=torch.device("cpu"),
                     dtype=torch.float32)
     pool.writes_every_layer = every_layer
@@ -166,7 +166,7 @@ def test_the_cpu_copy_kernel_writes_the_bits_of_the_torch_path(pool_dtype: torch
     built): every element of both pools equal, over dirty pages in two runs, layers with gaps, fused projections
     with some slices adapted, scales that round, and modules of their own rank and scale (PEFT's patterns)."""
     base = BaseModelShape.for_llama(num_layers=4, hidden_size=64, intermediate_size=96, num_heads=4,
-                                    num_kv_heads=2, head_dim=16)
+                                    num_kv_heads=2, head_dim=16, vocab_size=320)
     everything = [(layer, target) for layer in range(4) for target in base.module_shapes]
     partial = [(0, "q_proj"), (0, "v_proj"), (2, "q_proj"), (3, "v_proj"), (2, "up_proj"), (1, "down_proj"),
                (3, "o_proj")]

@@ -16,6 +16,7 @@ ADMIN_KEY = "test-admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+OPTIONAL_FILES = ("config.json", "medusa_lm_head.safetensors")  # an adapter's own Medusa heads
 
 
 @contextmanager
@@ -129,7 +130,8 @@ def token_texts(model_dir: Path, token_ids: list[int]) -> list[str]:
 
 def upload_files(directory: Path) -> dict[str, tuple[str, bytes]]:
     """The multipart files of an upload of the adapter saved in `directory`."""
-    return {file: (file, (directory / file).read_bytes()) for file in ADAPTER_FILES}
+    return {file: (file, (directory / file).read_bytes()) for file in ADAPTER_FILES + OPTIONAL_FILES
+            if (directory / file).is_file()}
 
 
 def upload(url: str, name: str, directory: Path) -> httpx.Response:

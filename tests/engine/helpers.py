@@ -1,8 +1,7 @@
 """Drivers the engine tests share."""
-import torch
-
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.sampling_params import SamplingParams
+from loraserve.engine.model_runner import StepOutput
 from loraserve.engine.scheduler import ScheduledBatch
 
 
@@ -29,6 +28,6 @@ class ComputedTokens:
         self._execute = engine.runner.execute
         engine.runner.execute = self._count
 
-    def _count(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int], dict]:
+    def _count(self, batch: ScheduledBatch) -> StepOutput:
         self.total += sum(batch.num_new_tokens)
         return self._execute(batch)

@@ -69,7 +69,7 @@ def test_mixed_batch_logits_equal_peft(engine, model_dir, adapter_dirs):
         engine.add_request(str(index), prompt, SamplingParams(temperature=0.0, max_tokens=1), adapter)
     batch = engine.scheduler.schedule()
     assert len(batch.sequences) == len(requests)  # one step holds them all
-    logits, sampling, _ = engine.runner.execute(batch)
+    logits, sampling, _, _ = engine.runner.execute(batch)
     assert sampling == list(range(len(requests)))
 
     for name in batch_assignments():
@@ -246,7 +246,7 @@ def test_adapters_on_a_quantized_base_equal_peft_on_its_dequantized_weights(mode
         if adapter:
             engine.adapters.make_resident(adapter)
         engine.add_request(str(index), PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=1), adapter)
-    logits, _, _ = engine.runner.execute(engine.scheduler.schedule())
+    logits = engine.runner.execute(engine.scheduler.schedule()).logits
     expected = []
     for name in names:
         with torch.no_grad():

@@ -89,7 +89,7 @@ def test_one_batch_of_every_kind_gives_pefts_logits(engine, peft_logits):
         engine.add_request(str(index), prompt, SamplingParams(temperature=0.0, max_tokens=1), adapter)
     batch = engine.scheduler.schedule()
     assert len(batch.sequences) == len(requests)  # one step holds them all
-    logits, sampling, _ = engine.runner.execute(batch)
+    logits, sampling, _, _ = engine.runner.execute(batch)
     assert sampling == list(range(len(requests)))
     for row, (prompt, name) in enumerate(requests):
         expected = peft_logits[name, PROMPTS.index(prompt)][-1]

@@ -16,6 +16,7 @@ from loraserve.engine.sampler import Sampled
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.model.loader import LoadedModel, load_model
 from tests.api.lora_helpers import save_random_adapter
+from tests.engine.medusa_helpers import train_tiny_heads
 from tests.model.helpers import save_tiny_llama
 
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [10, 11, 12, 13, 14, 10, 11, 12], list(range(30, 50)) * 2, [7] * 9,
@@ -54,13 +55,14 @@ def save_perturbed_copy(model_dir: Path, directory: Path, noise: float) -> Path:
 
 
 @pytest.fixture(scope="module")
-def drafts(target: LoadedModel, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-           ) -> dict[str, LoadedModel | None]:
-    """The proposers: prompt lookup, a noisy copy of the target, and the target itself (never wrong for requests
-    without an adapter)."""
+def proposers(target: LoadedModel, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, dict]:
+    """What each proposer takes (make_engine's arguments): prompt lookup, a noisy copy of the target, the target
+    itself (never wrong for requests without an adapter), and Medusa heads trained on the target's answers."""
     noisy = save_perturbed_copy(model_dir, tmp_path_factory.mktemp("draft"), noise=0.3)
-    return {"prompt lookup": None, "draft model": load_model(str(noisy), torch.device("cpu"), torch.float32),
-            "target as draft": target}
+    heads = train_tiny_heads(target, PROMPTS, tmp_path_factory.mktemp("medusa"))
+    return {"prompt lookup": {}, "draft model": {"draft": load_model(str(noisy), torch.device("cpu"), torch.float32)},
+            "target as draft": {"draft": target}, "medusa heads": {"medusa_heads": str(heads)}}
 
 
 @pytest.fixture(scope="module")
@@ -140,21 +142,22 @@ def mixed_workload(engine: LLMEngine) -> list[tuple[list[int], str | None, Sampl
 def assert_everything_returned(engine: LLMEngine) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert engine.adapters.num_references() == 0 and engine.adapters.num_pins() == 0
-    assert not getattr(engine.proposer, "histories", None)  # prompt lookup keeps nothing of finished requests
-    proposer_blocks = getattr(engine.proposer, "block_manager", None)
+    others = engine.proposer.others  # what proposes for requests without Medusa heads
+    assert not getattr(others, "histories", None)  # prompt lookup keeps nothing of finished requests
+    proposer_blocks = getattr(others, "block_manager", None)
     if proposer_blocks is not None:
         assert proposer_blocks.num_free_blocks == proposer_blocks.num_blocks
-        assert not engine.proposer.shadows
+        assert not others.shadows
 
 
-@pytest.mark.parametrize("proposer", ["prompt lookup", "draft model", "target as draft"])
+@pytest.mark.parametrize("proposer", ["prompt lookup", "draft model", "target as draft", "medusa heads"])
 @pytest.mark.parametrize("settings", [{}, {"max_num_batched_tokens": 24, "num_kv_blocks": 160}],
                          ids=["roomy", "tight budget and cache"])
-def test_greedy_outputs_equal_plain_decoding(make_engine, drafts, proposer, settings, monkeypatch):
+def test_greedy_outputs_equal_plain_decoding(make_engine, proposers, proposer, settings, monkeypatch):
     plain_engine = make_engine(**settings)
     workload = mixed_workload(plain_engine)
     expected = Run(plain_engine, workload, monkeypatch).outputs()
-    engine = make_engine(drafts[proposer], spec_tokens=4, **settings)
+    engine = make_engine(spec_tokens=4, **proposers[proposer], **settings)
     run = Run(engine, workload, monkeypatch)
     assert run.outputs() == expected
     metrics = engine.metrics
@@ -166,8 +169,8 @@ def test_greedy_outputs_equal_plain_decoding(make_engine, drafts, proposer, sett
     assert_everything_returned(engine)
 
 
-def test_rejections_and_aborts_leak_no_block(make_engine, drafts):
-    engine = make_engine(drafts["draft model"], spec_tokens=4, num_kv_blocks=96)
+def test_rejections_and_aborts_leak_no_block(make_engine, proposers):
+    engine = make_engine(spec_tokens=4, num_kv_blocks=96, **proposers["draft model"])
     params = SamplingParams(temperature=0.8, max_tokens=LENGTH, ignore_eos=True, seed=7)
     for index, prompt in enumerate(PROMPTS * 3):
         name = ADAPTERS[index % len(ADAPTERS)]
@@ -175,7 +178,7 @@ def test_rejections_and_aborts_leak_no_block(make_engine, drafts):
     for step in range(12):
         engine.step()
         if step % 3 == 2:  # abort a running request that holds drafts' blocks in both caches
-            victim = next(s for s in engine.scheduler.running if engine.proposer.shadows.get(s.request_id))
+            victim = next(s for s in engine.scheduler.running if engine.proposer.others.shadows.get(s.request_id))
             engine.abort_request(victim.request_id)
     while engine.has_unfinished_requests():
         engine.step()
@@ -208,4 +211,4 @@ def test_the_draft_cache_comes_out_of_the_same_kv_memory(target):
     alone = LLMEngine(target, ServerConfig(block_size=4, kv_cache_memory=1 << 20))
     with_draft = LLMEngine(target, ServerConfig(block_size=4, kv_cache_memory=1 << 20, spec_tokens=2), draft=target)
     assert with_draft.block_manager.num_blocks == alone.block_manager.num_blocks // 2
-    assert with_draft.proposer.block_manager.num_blocks == with_draft.block_manager.num_blocks
+    assert with_draft.proposer.others.block_manager.num_blocks == with_draft.block_manager.num_blocks

@@ -4,8 +4,9 @@ as the target model's own processed distribution p, whatever proposed the drafts
 The engine tests run a tiny 16-token-vocabulary target whose exact distribution over the first three output
 tokens is computed independently (Hugging Face's LlamaForCausalLM in float64, sampling settings applied here),
 and compare thousands of seeded speculative generations against it with a chi-square goodness-of-fit test. The
-proposers are prompt lookup (point-mass drafts) and a different random draft model (drafts from its own q, so
-q != p and rejections redraw from the residual). Everything is seeded, so the outcome is deterministic; the
+proposers are prompt lookup and Medusa heads (point-mass drafts: heads in Medusa-1's layout, each with its own
+projection, here) and a different random draft model (drafts from its own q, so q != p and rejections redraw
+from the residual). Everything is seeded, so the outcome is deterministic; the
 significance level only bounds how likely a correct sampler is to fail after an unrelated change reshuffles the
 random draws (the p-value is computed exactly: scipy is not a dependency).
 """
@@ -18,6 +19,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from benchmarks.train_medusa import save_medusa_heads
 from loraserve.config import ServerConfig
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.sampler import accept_sampled
@@ -175,6 +177,18 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def medusa_heads(checkpoints: dict[str, Path], target: LoadedModel) -> Path:
+    """Three heads with their own projections: the target's head, perturbed, after a random residual block, so
+    their guesses are the target's likely tokens, not always the right ones."""
+    generator = torch.Generator().manual_seed(23)
+    head = target.model.head_weight.detach()
+    width = head.shape[1]
+    projections = head + 0.5 * head.std() * torch.randn(3, *head.shape, generator=generator)
+    return save_medusa_heads(checkpoints["target"].parent / "medusa", 0.3 * torch.randn(3, 1, width, width,
+                             generator=generator) / width ** 0.5, torch.zeros(3, 1, width), projections)
+
+
+@pytest.fixture(scope="module")
 def target(checkpoints: dict[str, Path]) -> LoadedModel:
     return load_model(str(checkpoints["target"]), torch.device("cpu"), torch.float32)
 
@@ -204,11 +218,12 @@ def prompt(reference: LlamaForCausalLM) -> list[int]:
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def speculative_engine(target: LoadedModel, draft: LoadedModel | None, spec_tokens: int = 3) -> LLMEngine:
+def speculative_engine(target: LoadedModel, draft: LoadedModel | None, spec_tokens: int = 3,
+                       medusa_heads: Path | None = None) -> LLMEngine:
     """An engine that runs every request at once: the cache, batch and token budget hold them all."""
     config = ServerConfig(block_size=4, num_kv_blocks=8 * NUM_REQUESTS, max_num_seqs=NUM_REQUESTS,
                           max_num_batched_tokens=32 * NUM_REQUESTS, spec_tokens=spec_tokens, spec_ngram_min=1,
-                          spec_ngram_max=3)
+                          spec_ngram_max=3, medusa_heads=None if medusa_heads is None else str(medusa_heads))
     return LLMEngine(target, config, draft=draft)
 
 
@@ -238,16 +253,17 @@ def speculation_counts(engine: LLMEngine) -> tuple[int, int]:
 @pytest.mark.parametrize("proposer, setting, spec_tokens", [
     ("ngram", "plain", 1), ("ngram", "truncated", 3), ("ngram", "penalised", 3),
     ("draft_model", "plain", 1), ("draft_model", "truncated", 3),
-    ("draft_model", "penalised", 3),
+    ("draft_model", "penalised", 3), ("medusa", "plain", 1), ("medusa", "truncated", 3), ("medusa", "penalised", 3),
 ])
 def test_speculative_samples_follow_the_exact_target_distribution(
         proposer: str, setting: str, spec_tokens: int, target: LoadedModel, draft: LoadedModel,
-        reference: LlamaForCausalLM, prompt: list[int]) -> None:
+        medusa_heads: Path, reference: LlamaForCausalLM, prompt: list[int]) -> None:
     """The first three output tokens, sampled with speculation, pass a chi-square test against the exact joint
     distribution of the target alone; and the test is not vacuous: drafts were proposed, some accepted and some
     rejected. One draft per step puts the bonus token among those judged; three chain two drafts."""
     params = SETTINGS[setting]
-    engine = speculative_engine(target, draft if proposer == "draft_model" else None, spec_tokens)
+    engine = speculative_engine(target, draft if proposer == "draft_model" else None, spec_tokens,
+                                medusa_heads if proposer == "medusa" else None)
     observed = sample_first_tokens(engine, prompt, params)
     num_drafts, num_accepted = speculation_counts(engine)
     assert num_drafts >= NUM_REQUESTS // 2, "too few drafts were verified for the test to mean anything"
