@@ -3,7 +3,8 @@ guess, from the model's final hidden state at a position, the token the model it
 
 Usage: python -m benchmarks.train_medusa [--heads 4] [--layers 1] [--max-tokens 192] [--epochs 4]
                                          [--device auto] [--out benchmarks/out]
-Writes <out>/medusa-heads/{config.json, medusa_lm_head.safetensors} in the layout LoRAX reads (residual blocks
+Writes <out>/medusa-heads/{config.json, medusa_lm_head.safetensors} (with --adapter DIR, heads for that adapter's
+requests, into DIR beside its PEFT files) in the layout LoRAX reads (residual blocks
 only, the base model's head as each head's projection; `--own-projections` writes Medusa-1's layout, each head
 with a copy of the base head), ready for `loraserve serve --medusa-heads <dir> --spec-tokens N`. The base head
 stays frozen, so training moves a few small matrices, with the softmax over the tokens the answers use: about
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from benchmarks.embedded import add_device_and_out, load_embedded
+from loraserve.adapters.records import AdapterRef
 from loraserve.config import ServerConfig
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.sampling_params import SamplingParams
@@ -43,35 +45,45 @@ def instructions() -> list[str]:
     return [form.format(topic) for topic in TOPICS for form in FORMS]
 
 
-def generate_answers(loaded: LoadedModel, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Each prompt followed by the model's greedy answer."""
-    engine = LLMEngine(loaded, ServerConfig(max_num_seqs=16, kv_cache_memory=256 << 20))
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    answers = []
-    for start in range(0, len(prompts), 16):
-        answers += engine.generate(prompts[start:start + 16], params)
-        print(f"\r  answered {start + len(prompts[start:start + 16])}/{len(prompts)}", end="", file=sys.stderr)
-    print(file=sys.stderr)
-    return [prompt + answer for prompt, answer in zip(prompts, answers)]
+class Teacher:
+    """The model that answers and whose hidden states the heads read: the base model, or the base with an adapter
+    when the heads are for that adapter (uploaded beside its PEFT files, its requests draft with them)."""
 
+    def __init__(self, loaded: LoadedModel, adapter: Path | None = None) -> None:
+        self.model = loaded.model
+        self.engine = LLMEngine(loaded, ServerConfig(max_num_seqs=16, kv_cache_memory=256 << 20,
+                                                     max_num_batched_tokens=4096, prefix_caching=False))
+        self.adapter = None if adapter is None else self.engine.adapters.add_from_path("teacher", adapter).name
 
-@torch.inference_mode()
-def hidden_states(loaded: LoadedModel, sequences: list[list[int]]) -> list[torch.Tensor]:
-    """The model's final hidden state at every position of each sequence, as the engine computes it (one prefill
-    each, read off the final norm)."""
-    engine = LLMEngine(loaded, ServerConfig(prefix_caching=False, max_num_seqs=1, kv_cache_memory=64 << 20,
-                                            max_num_batched_tokens=4096))
-    captured: list[torch.Tensor] = []
-    hook = loaded.model.norm.register_forward_hook(lambda module, inputs, output: captured.append(output.float()))
-    states = []
-    try:
-        for tokens in sequences:
-            captured.clear()
-            engine.generate([tokens], SamplingParams(temperature=0.0, max_tokens=1))
-            states.append(torch.cat(captured)[:len(tokens)])
-    finally:
-        hook.remove()
-    return states
+    def _adapters(self, count: int) -> list[AdapterRef | None]:
+        return [None if self.adapter is None else self.engine.adapters.resolve(self.adapter) for _ in range(count)]
+
+    def answer(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """Each prompt followed by the greedy answer."""
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        answers = []
+        for start in range(0, len(prompts), 16):
+            group = prompts[start:start + 16]
+            answers += self.engine.generate(group, params, self._adapters(len(group)))
+            print(f"\r  answered {start + len(group)}/{len(prompts)}", end="", file=sys.stderr)
+        print(file=sys.stderr)
+        return [prompt + answer for prompt, answer in zip(prompts, answers)]
+
+    @torch.inference_mode()
+    def hidden_states(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """The final hidden state at every position of each sequence, as the engine computes it (one prefill each,
+        read off the final norm; a prompt-tuning adapter's virtual tokens come first and are left out)."""
+        captured: list[torch.Tensor] = []
+        hook = self.model.norm.register_forward_hook(lambda module, inputs, output: captured.append(output.float()))
+        states = []
+        try:
+            for tokens in sequences:
+                captured.clear()
+                self.engine.generate([tokens], SamplingParams(temperature=0.0, max_tokens=1), self._adapters(1))
+                states.append(torch.cat(captured)[-len(tokens):])
+        finally:
+            hook.remove()
+        return states
 
 
 def training_pairs(sequences: list[list[int]], states: list[torch.Tensor], num_prompt_tokens: list[int],
@@ -178,14 +190,17 @@ def main() -> None:
                         "the tokens of the prompts and answers (ten times slower)")
     parser.add_argument("--own-projections", action="store_true", help="Medusa-1's layout: each head a copy of "
                         "the base head")
+    parser.add_argument("--adapter", type=Path, help="train heads for this adapter (a PEFT directory): written "
+                        "beside its files, ready to upload with it")
     add_device_and_out(parser)
     args = parser.parse_args()
     loaded = load_embedded(args)
     prompts = [chat_prompt(loaded, message) for message in instructions()]
     print(f"answering {len(prompts)} instructions...", file=sys.stderr)
-    sequences = generate_answers(loaded, prompts, args.max_tokens)
+    teacher = Teacher(loaded, args.adapter)
+    sequences = teacher.answer(prompts, args.max_tokens)
     print("reading hidden states...", file=sys.stderr)
-    states = hidden_states(loaded, sequences)
+    states = teacher.hidden_states(sequences)
     inputs, targets = training_pairs(sequences, states, [len(prompt) for prompt in prompts], args.heads)
     held_out = len(inputs) // 10
     print(f"training {args.heads} heads on {len(inputs) - held_out} positions...", file=sys.stderr)
@@ -197,7 +212,7 @@ def main() -> None:
     accuracy = head_accuracy(head_weight, weights, biases, inputs[:held_out], targets[:held_out])
     print("held-out top-1 accuracy per head: " + " ".join(f"{value:.2f}" for value in accuracy))
     projections = head_weight.float().expand(args.heads, -1, -1) if args.own_projections else None
-    directory = save_medusa_heads(args.out / "medusa-heads", weights, biases, projections, loaded.name)
+    directory = save_medusa_heads(args.adapter or args.out / "medusa-heads", weights, biases, projections, loaded.name)
     print(f"wrote {directory}")
 
 

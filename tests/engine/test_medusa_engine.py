@@ -19,20 +19,15 @@ from loraserve.model.loader import LoadedModel, load_model
 from loraserve.model.medusa import medusa_logits
 from tests.api.lora_helpers import save_random_adapter
 from tests.engine.medusa_helpers import train_tiny_heads
+from tests.engine import test_speculative
 from tests.engine.test_speculative import PROMPTS, save_looping_llama
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 TIE_MARGIN = 1e-3  # float32 and float64 must agree on a head's top token
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_looping_llama(tmp_path_factory.mktemp("target"), seed=11)
-
-
-@pytest.fixture(scope="module")
-def target(model_dir: Path) -> LoadedModel:
-    return load_model(str(model_dir), torch.device("cpu"), torch.float32)
+# The looping target of the speculative-decoding tests, whose prompts it answers.
+model_dir, target = test_speculative.model_dir, test_speculative.target
 
 
 @pytest.fixture(scope="module")

@@ -55,31 +55,37 @@ def save_perturbed_copy(model_dir: Path, directory: Path, noise: float) -> Path:
 
 
 @pytest.fixture(scope="module")
-def proposers(target: LoadedModel, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-              ) -> dict[str, dict]:
-    """What each proposer takes (make_engine's arguments): prompt lookup, a noisy copy of the target, the target
-    itself (never wrong for requests without an adapter), and Medusa heads trained on the target's answers."""
-    noisy = save_perturbed_copy(model_dir, tmp_path_factory.mktemp("draft"), noise=0.3)
-    heads = train_tiny_heads(target, PROMPTS, tmp_path_factory.mktemp("medusa"))
-    return {"prompt lookup": {}, "draft model": {"draft": load_model(str(noisy), torch.device("cpu"), torch.float32)},
-            "target as draft": {"draft": target}, "medusa heads": {"medusa_heads": str(heads)}}
-
-
-@pytest.fixture(scope="module")
 def adapter_dirs(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"attention": save_random_adapter(model_dir, tmp_path_factory.mktemp("a"), seed=1, rank=4,
                                              targets=["q_proj", "v_proj"]),
             "everything": save_random_adapter(model_dir, tmp_path_factory.mktemp("e"), seed=2, rank=8)}
 
 
+@pytest.fixture(scope="module")
+def proposers(target: LoadedModel, model_dir: Path, adapter_dirs: dict[str, Path],
+              tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """What each proposer takes (make_engine's arguments): prompt lookup, a noisy copy of the target, the target
+    itself (never wrong for requests without an adapter), and Medusa heads trained on the target's answers, with
+    the same adapters carrying heads of their own, trained on their answers."""
+    noisy = save_perturbed_copy(model_dir, tmp_path_factory.mktemp("draft"), noise=0.3)
+    heads = train_tiny_heads(target, PROMPTS, tmp_path_factory.mktemp("medusa"))
+    with_heads = {}
+    for name, directory in adapter_dirs.items():
+        with_heads[name] = shutil.copytree(directory, tmp_path_factory.mktemp(f"{name}-with-heads") / name)
+        train_tiny_heads(target, PROMPTS, with_heads[name], adapter=with_heads[name])
+    return {"prompt lookup": {}, "draft model": {"draft": load_model(str(noisy), torch.device("cpu"), torch.float32)},
+            "target as draft": {"draft": target},
+            "medusa heads": {"medusa_heads": str(heads), "adapters": with_heads}}
+
+
 @pytest.fixture
 def make_engine(target, adapter_dirs, tmp_path) -> Callable[..., LLMEngine]:
-    def make(draft: LoadedModel | None = None, **settings) -> LLMEngine:
+    def make(draft: LoadedModel | None = None, adapters: dict[str, Path] | None = None, **settings) -> LLMEngine:
         config = ServerConfig(**{"block_size": 4, "num_kv_blocks": 2048, "max_loras": 2, "max_lora_rank": 8,
                                  "spec_ngram_min": 1, "spec_ngram_max": 3, **settings})
         engine = LLMEngine(target, dataclasses.replace(config, adapter_dir=str(tmp_path / str(id(config)))),
                            draft=draft)
-        for name, directory in adapter_dirs.items():
+        for name, directory in (adapters or adapter_dirs).items():
             engine.adapters.add_from_path(name, directory)
         return engine
     return make
