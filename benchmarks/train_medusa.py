@@ -34,7 +34,16 @@ TOPICS = ["the water cycle", "photosynthesis", "volcanoes", "the moon", "electri
           "coffee", "chess", "rainbows", "steam trains", "coral reefs", "honey bees", "clouds", "earthquakes",
           "public libraries", "the human heart", "glaciers", "the Roman empire", "solar panels", "owls",
           "bread making", "the piano", "deserts", "vaccines", "the first airplanes", "recycling", "tea",
-          "mountain climbing", "the stock market", "dinosaurs", "the Olympic games", "bridges"]
+          "mountain climbing", "the stock market", "dinosaurs", "the Olympic games", "bridges", "penguins",
+          "the Great Wall of China", "hurricanes", "chocolate", "the immune system", "black holes", "gardening",
+          "the violin", "ancient Egypt", "wind turbines", "sleep", "the human brain", "rainforests", "the bicycle",
+          "cheese making", "comets", "the telephone", "sharks", "jazz music", "the Renaissance", "composting",
+          "the Moon landing", "tigers", "maps", "the periodic table", "lighthouses", "snow", "windmills", "bats",
+          "the Sahara", "origami", "the Eiffel Tower", "submarines", "mushrooms", "the alphabet", "fireworks",
+          "elephants", "the Amazon river", "batteries", "the camera", "pirates", "tides", "friendship",
+          "robots", "time zones", "castles", "the compass", "migrating birds", "yoga", "the water wheel",
+          "the solar system", "the first computers", "money", "volunteering", "the seasons", "kites",
+          "the Arctic", "ants", "the guitar"]
 FORMS = ["Explain {} to a ten-year-old.", "Write a short paragraph about {}.",
          "What are three interesting facts about {}?", "Write a short story in which {} matter.",
          "Describe the history of {} in a few sentences.", "What are the advantages and disadvantages of {}?",

@@ -1,5 +1,4 @@
 """The synchronous engine: accepts requests, and each `step` schedules, runs the model, samples and reports."""
-import dataclasses
 import logging
 import random
 import threading
@@ -22,6 +21,7 @@ from loraserve.engine.outputs import RequestOutput, TokenLogprob
 from loraserve.engine.sampler import Sampled, sample
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.engine.scheduler import ScheduledBatch, Scheduler
+from loraserve.engine.speculation import Speculation
 from loraserve.engine.sequence import Sequence, SequenceStatus
 from loraserve.engine.setup import (ProjectionWeights, adapter_base_shape, adapter_directory, adapter_dtype,
                                  adapter_pages, kv_cache_blocks, make_proposer)
@@ -83,8 +83,8 @@ class LLMEngine:
         self.grammars = GrammarCompiler(loaded.tokenizer, loaded.config.vocab_size)
         self.sequences: dict[str, Sequence] = {}
         self.seed_source = random.Random(config.seed)
-        self.num_speculative_tokens = config.spec_tokens
-        self.proposer = make_proposer(config, loaded, draft, num_blocks, slots.medusa_heads)
+        proposer = make_proposer(config, loaded, draft, num_blocks, slots.medusa_heads)
+        self.speculation = None if proposer is None else Speculation(proposer, config.spec_tokens)
         self.consecutive_culprits = 0
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
@@ -151,8 +151,8 @@ class LLMEngine:
         A request the step fails on ends alone with an error (see fault_isolation.py); a device error, or a fault
         that every request hits, raises EngineDeadError or the error itself: the engine cannot go on.
         """
-        if self.proposer is not None:
-            self._propose()
+        if self.speculation is not None:
+            self.speculation.propose(self.scheduler.running)
         self._news.clear()
         batch = self.scheduler.schedule(LOADING_PREFILL_TOKENS if self.adapters.loading() else None)
         share_cores_with_helper(self.adapters.loading())  # after scheduling, which may have asked for loads
@@ -183,8 +183,8 @@ class LLMEngine:
         logits, sampling, prompt_scores, hidden = self.runner.execute(batch)
         sampled = [batch.sequences[index] for index in sampling]
         results = sample(logits, sampled)
-        if self.proposer is not None:
-            self._keep_hidden_states(sampled, results, hidden)
+        if self.speculation is not None:
+            self.speculation.keep_hidden_states(sampled, results, hidden)
         self.consecutive_culprits = 0
         for sequence, num_new in work:
             sequence.num_computed_tokens += num_new
@@ -200,43 +200,6 @@ class LLMEngine:
                     raise
                 outputs.append(self._fail(sequence, error))
         return outputs
-
-    def _keep_hidden_states(self, sequences: list[Sequence], results: list[Sampled], hidden: torch.Tensor) -> None:
-        """Keep, for the sequences the proposer guesses from hidden states, the row its last new token was sampled
-        from (a view of this step's rows, not a copy). Before the tokens are appended: rows follow the drafts."""
-        start = 0
-        for sequence, result in zip(sequences, results):
-            if self.proposer.wants_hidden_state(sequence):
-                sequence.hidden_state = hidden[start + result.num_accepted]
-                sequence.hidden_state_length = sequence.num_tokens + len(result.token_ids)
-            start += result.num_drafts + 1
-
-    def _propose(self) -> None:
-        """Draft tokens for every running request that is decoding and allows it, within its max_tokens. A
-        request the proposer fails on alone is served on without speculation."""
-        work = []
-        for sequence in self.scheduler.running:
-            sequence.truncate_drafts()
-            limit = min(self.num_speculative_tokens, sequence.params.max_tokens - sequence.num_output_tokens - 1)
-            if sequence.params.speculative and limit > 0 and sequence.num_uncomputed_tokens == 1:
-                work.append((sequence, limit))
-        if not work:
-            return
-        snapshot = GeneratorSnapshot([sequence for sequence, _ in work if not sequence.params.greedy])
-
-        def undo(group: list[tuple[Sequence, int]]) -> None:
-            snapshot.restore(sequence for sequence, _ in group)
-            for sequence, _ in group:
-                sequence.truncate_drafts()
-                self.proposer.release(sequence.request_id)  # its shadow may be half advanced
-
-        def stop_speculating(item: tuple[Sequence, int], error: Exception) -> None:
-            logger.error("proposing drafts failed for request %s; it goes on without speculation",
-                         item[0].request_id, exc_info=error)
-            item[0].params = dataclasses.replace(item[0].params, speculative=False)
-
-        isolate(work, lambda group: self.proposer.propose([s for s, _ in group], [k for _, k in group]), undo,
-                stop_speculating)
 
     def _fail(self, sequence: Sequence, error: Exception) -> RequestOutput:
         """End a request the step failed on. Blocks it was computing lose their prefix-cache keys (their KV may be
@@ -258,8 +221,8 @@ class LLMEngine:
     def _failure_output(self, sequence: Sequence, error: Exception) -> RequestOutput:
         """The final output of a request ended by a failure (its blocks, slot and pin already returned)."""
         self.sequences.pop(sequence.request_id, None)
-        if self.proposer is not None:
-            self.proposer.release(sequence.request_id)  # a request preempted while speculating has a shadow
+        if self.speculation is not None:
+            self.speculation.release(sequence.request_id)
         self.metrics.requests_finished.labels(finished_reason="error").inc()
         if not isinstance(error, RequestValidationError):
             error = RequestFailedError(f"generation failed inside the engine ({type(error).__name__}); this request "
@@ -324,8 +287,8 @@ class LLMEngine:
 
     def _finish(self, sequence: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         self.scheduler.finish(sequence, reason, stop_reason)
-        if self.proposer is not None:
-            self.proposer.release(sequence.request_id)
+        if self.speculation is not None:
+            self.speculation.release(sequence.request_id)
 
     def _record_token_timing(self, sequence: Sequence, num_tokens: int) -> None:
         """Tokens verified together arrive together: one inter-token gap per step, as vLLM counts it."""

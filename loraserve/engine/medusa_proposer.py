@@ -48,7 +48,9 @@ class MedusaProposer:
                 groups.setdefault(id(heads), (heads, []))[1].append((sequence, limit))
         for heads, members in groups.values():
             hidden = torch.stack([sequence.hidden_state for sequence, _ in members])
-            logits = medusa_logits(hidden, heads.block_weights, heads.block_biases, heads.projections,
+            count = max(limit for _, limit in members)  # the heads past every request's limit are not run
+            logits = medusa_logits(hidden, heads.block_weights[:count], heads.block_biases[:count],
+                                   None if heads.projections is None else heads.projections[:count],
                                    self.model.compute_logits)
             for (sequence, limit), tokens in zip(members, logits.argmax(dim=-1).tolist()):
                 sequence.draft_token_ids = tokens[:limit]

@@ -150,7 +150,7 @@ def test_a_fault_in_sampling_ends_only_its_request(make):
 def test_a_failing_proposer_leaves_its_request_unspeculated(make):
     clean = run(make(False), workload([]))
     engine = make(False, spec_tokens=3)
-    propose = engine.proposer.propose
+    propose = engine.speculation.proposer.propose
     proposed: list[set[str]] = []  # the requests of each successful proposal
 
     def faulty_propose(sequences, limits):
@@ -158,7 +158,7 @@ def test_a_failing_proposer_leaves_its_request_unspeculated(make):
             raise ValueError("injected proposer fault")
         propose(sequences, limits)
         proposed.append({sequence.request_id for sequence in sequences})
-    engine.proposer.propose = faulty_propose
+    engine.speculation.proposer.propose = faulty_propose
     outputs = run(engine, workload([]))
     assert {index: tokens(outputs[str(index)]) for index in range(16)} == \
            {index: tokens(clean[str(index)]) for index in range(16)}

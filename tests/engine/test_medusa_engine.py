@@ -46,13 +46,13 @@ def test_drafts_are_the_heads_guesses_from_the_last_tokens_hidden_state(target, 
     the heads' top tokens at Hugging Face's final hidden state of the position before the last token."""
     engine = medusa_engine(target, heads_dir)
     proposals: list[tuple[list[int], list[int]]] = []
-    propose = engine.proposer.propose
+    propose = engine.speculation.proposer.propose
 
     def recording(sequences, limits):
         propose(sequences, limits)
         proposals.extend((list(sequence.token_ids), list(sequence.draft_token_ids)) for sequence in sequences)
 
-    engine.proposer.propose = recording
+    engine.speculation.proposer.propose = recording
     engine.generate(PROMPTS[:3], GREEDY)
     accepted = engine.metrics.spec_accepted_tokens._value.get()
     assert accepted > 0.3 * engine.metrics.spec_draft_tokens._value.get(), "trained heads should guess well"
@@ -111,7 +111,7 @@ def test_sampled_requests_are_verified_against_the_heads_point_mass(target, head
     engine.step()
     engine.step()
     sequence = engine.sequences["r"]
-    engine._propose()
+    engine.speculation.propose(engine.scheduler.running)
     assert sequence.draft_token_ids and sequence.draft_probabilities is None
 
 
@@ -162,14 +162,14 @@ def test_an_adapters_own_heads_propose_for_its_requests_beside_the_base_heads(ta
     assert engine.adapters.record("plain").num_medusa_heads == 0
     names = [None, "own", "plain"] * 2
     proposals: dict[str | None, list[list[int]]] = {name: [] for name in names}
-    propose = engine.proposer.propose
+    propose = engine.speculation.proposer.propose
 
     def recording(sequences, limits):
         propose(sequences, limits)
         for sequence in sequences:
             proposals[sequence.adapter.name if sequence.adapter else None].append(list(sequence.draft_token_ids))
 
-    engine.proposer.propose = recording
+    engine.speculation.proposer.propose = recording
     prompts = [PROMPTS[index % len(PROMPTS)] for index in range(len(names))]
     expected = plain.generate(prompts, GREEDY, [plain.adapters.resolve(name) if name else None for name in names])
     assert engine.generate(prompts, GREEDY, [engine.adapters.resolve(name) if name else None
@@ -177,5 +177,5 @@ def test_an_adapters_own_heads_propose_for_its_requests_beside_the_base_heads(ta
     assert all(drafts == [7] * len(drafts) for drafts in proposals["own"]) and proposals["own"]
     for name in (None, "plain"):
         assert sum(drafts != [7] * len(drafts) for drafts in proposals[name]) > len(proposals[name]) // 2
-    assert sum(heads is not None for heads in engine.proposer.adapter_heads) == 1  # the slot "own" sits in
+    assert sum(heads is not None for heads in engine.speculation.proposer.adapter_heads) == 1  # the slot "own" sits in
     assert engine.adapters.num_references() == 0 and engine.adapters.num_pins() == 0

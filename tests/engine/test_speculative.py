@@ -148,7 +148,7 @@ def mixed_workload(engine: LLMEngine) -> list[tuple[list[int], str | None, Sampl
 def assert_everything_returned(engine: LLMEngine) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert engine.adapters.num_references() == 0 and engine.adapters.num_pins() == 0
-    others = engine.proposer.others  # what proposes for requests without Medusa heads
+    others = engine.speculation.proposer.others  # what proposes for requests without Medusa heads
     assert not getattr(others, "histories", None)  # prompt lookup keeps nothing of finished requests
     proposer_blocks = getattr(others, "block_manager", None)
     if proposer_blocks is not None:
@@ -184,7 +184,8 @@ def test_rejections_and_aborts_leak_no_block(make_engine, proposers):
     for step in range(12):
         engine.step()
         if step % 3 == 2:  # abort a running request that holds drafts' blocks in both caches
-            victim = next(s for s in engine.scheduler.running if engine.proposer.others.shadows.get(s.request_id))
+            shadows = engine.speculation.proposer.others.shadows
+            victim = next(s for s in engine.scheduler.running if shadows.get(s.request_id))
             engine.abort_request(victim.request_id)
     while engine.has_unfinished_requests():
         engine.step()
@@ -217,4 +218,4 @@ def test_the_draft_cache_comes_out_of_the_same_kv_memory(target):
     alone = LLMEngine(target, ServerConfig(block_size=4, kv_cache_memory=1 << 20))
     with_draft = LLMEngine(target, ServerConfig(block_size=4, kv_cache_memory=1 << 20, spec_tokens=2), draft=target)
     assert with_draft.block_manager.num_blocks == alone.block_manager.num_blocks // 2
-    assert with_draft.proposer.others.block_manager.num_blocks == with_draft.block_manager.num_blocks
+    assert with_draft.speculation.proposer.others.block_manager.num_blocks == with_draft.block_manager.num_blocks
