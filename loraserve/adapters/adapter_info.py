@@ -54,6 +54,7 @@ class AdapterInfo:
     kind: str = dataclasses.field(default=LORA, kw_only=True)
     num_virtual_tokens: int = dataclasses.field(default=0, kw_only=True)  # positions it takes before the prompt
     num_medusa_heads: int = dataclasses.field(default=0, kw_only=True)  # its own Medusa heads, if it brought some
+    medusa_bytes: int = dataclasses.field(default=0, kw_only=True)  # theirs in float32 (counted in size_bytes too)
 
     @property
     def num_pages(self) -> int:
@@ -70,4 +71,4 @@ class AdapterInfo:
         """The description alone, to keep after the weights are dropped."""
         return AdapterInfo(self.rank, self.alpha, self.use_rslora, self.targets, self.size_bytes,
                            use_dora=self.use_dora, kind=self.kind, num_virtual_tokens=self.num_virtual_tokens,
-                           num_medusa_heads=self.num_medusa_heads)
+                           num_medusa_heads=self.num_medusa_heads, medusa_bytes=self.medusa_bytes)

@@ -46,7 +46,8 @@ def _with_medusa_heads(info: AdapterInfo, directory: Path, base: BaseModelShape)
     if not has_medusa_heads(directory):
         return info
     num_heads, _, _, _, size_bytes = inspect_medusa_heads(directory, base.hidden_size, base.vocab_size)
-    return dataclasses.replace(info, num_medusa_heads=num_heads, size_bytes=info.size_bytes + size_bytes)
+    return dataclasses.replace(info, num_medusa_heads=num_heads, medusa_bytes=size_bytes,
+                               size_bytes=info.size_bytes + size_bytes)
 
 
 def adapter_files(directory: Path) -> list[Path]:

@@ -44,8 +44,15 @@ class MedusaWeights:
 
 
 def has_medusa_heads(directory: Path) -> bool:
-    """Whether a directory carries Medusa heads (either file of them, so that half a pair is refused by name)."""
-    return any((directory / name).exists() for name in (MEDUSA_CONFIG_FILE, MEDUSA_WEIGHTS_FILE, PICKLED_MEDUSA_FILE))
+    """Whether a directory carries Medusa heads: their weights, or a config.json that speaks of them (so that half
+    a pair is refused by name; another config.json, say a model's beside an adapter, is not theirs)."""
+    if any((directory / name).exists() for name in (MEDUSA_WEIGHTS_FILE, PICKLED_MEDUSA_FILE)):
+        return True
+    try:
+        config = json.loads((directory / MEDUSA_CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and any(key.startswith("medusa_") for key in config)
 
 
 def load_medusa_heads(directory: Path, hidden_size: int, vocab_size: int) -> MedusaWeights:

@@ -63,6 +63,7 @@ class AdapterRegistry:
         self._current: dict[str, AdapterRef] = {}
         self._last_version: dict[str, int] = {}  # never reuse a version number a request may still hold
         self._failures: dict[AdapterRef, AdapterError] = {}  # versions the loader could not load
+        self._pages_for = pool.pages_for
         self._tiers = AdapterTiers(pool, max_cpu_loras, lambda ref: self._versions[ref].references > 0,
                                    lambda ref: self._versions[ref].pins > 0, listener)
         self._loader = AdapterLoader(self.make_resident, self._needed, self._record_failure)
@@ -215,7 +216,7 @@ class AdapterRegistry:
 
     def _make_resident(self, ref: AdapterRef, evict_wanted: bool) -> bool:
         with self._lock:
-            num_pages = self._version(ref).info.num_pages
+            num_pages = self._pages_for(self._version(ref).info)
             if self._tiers.slot(ref) is not None:
                 return True
             if not self._tiers.can_place(num_pages, evict_wanted):
@@ -288,6 +289,7 @@ class AdapterRegistry:
         start = time.perf_counter()
         try:
             adapter = dora.resolve(load_adapter(staging, self._base, self._max_rank), self._base, self._base_weights)
+            self._pages_for(adapter)  # refuses one that could never be resident
         except AdapterError:
             self._store.discard(staging)
             raise

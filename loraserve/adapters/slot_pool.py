@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.adapters.adapter_info import BaseModelShape
+from loraserve.adapters.adapter_info import AdapterInfo, BaseModelShape
+from loraserve.adapters.errors import AdapterTooLargeError
 from loraserve.adapters.format import Adapter
 from loraserve.adapters.lora_format import LoraAdapter
 from loraserve.adapters.medusa_format import MedusaWeights
@@ -69,6 +70,7 @@ class SlotPool:
         self.virtual_tokens: list[VirtualTokens | None] = [None] * num_slots  # a prompt-learning slot's, else None
         self.medusa_heads: list[MedusaWeights | None] = [None] * num_slots  # the Medusa heads a slot's adapter brought
         self.device, self.dtype = device, dtype
+        self.page_size, self.total_pages = page_bytes(base, dtype), num_pages
         self._pools = {projection: _allocate(base, targets, num_pages + 1, num_slots, device, dtype)
                        for projection, targets in FUSED_PROJECTIONS.items()}
         self.layer_weights: list[dict[str, LoraWeights]] = [
@@ -102,17 +104,29 @@ class SlotPool:
         self._free_pages.extend(pages)
         self._free_pages.sort(reverse=True)  # a stack with the lowest page on top
 
+    def pages_for(self, info: AdapterInfo) -> int:
+        """Pages an adapter takes: its own (`num_pages`), then as many as its Medusa heads fill in the pool's dtype.
+        The heads sit beside the pool, but their pages are held with the slot, so --adapter-memory bounds them too."""
+        head_bytes = info.medusa_bytes // 4 * self.dtype.itemsize
+        pages = info.num_pages + -(-head_bytes // self.page_size)
+        if pages > self.total_pages:
+            raise AdapterTooLargeError(f"the adapter needs {pages} pages of the adapter pool ({pages - info.num_pages} "
+                                       f"for its Medusa heads), more than its {self.total_pages}: --adapter-memory, "
+                                       f"at most --max-loras x --max-lora-rank pages")
+        return pages
+
     def write(self, slot: int, pages: list[int], adapter: Adapter) -> None:
         """Copy the adapter into `pages` (one per rank component, then a DoRA adapter's column scales) and point
         the slot at them; a prompt-learning adapter's virtual tokens, and the Medusa heads an adapter brings, go to
         the device beside them."""
+        assert len(pages) == self.pages_for(adapter), f"{adapter.info()}, {len(pages)} pages"
         if adapter.medusa_heads is not None:
             self.medusa_heads[slot] = adapter.medusa_heads.to(self.device, self.dtype)
+        pages = pages[:adapter.num_pages]  # the rest stand for the heads'
         if isinstance(adapter, PromptLearningAdapter):
-            assert not pages, f"a prompt-learning adapter takes no pages, got {len(pages)}"
             self.virtual_tokens[slot] = adapter.virtual_tokens.to(self.device)
             return
-        assert len(pages) == adapter.num_pages and adapter.rank <= self.max_rank, f"{adapter}, {len(pages)} pages"
+        assert adapter.rank <= self.max_rank, f"{adapter.info()}"
         assert not adapter.magnitudes, "a DoRA adapter's magnitudes are resolved (dora.resolve) before it is placed"
         pages, scale_page = pages[:adapter.rank], pages[adapter.rank] if adapter.use_dora else 0
         index = torch.tensor(pages, device=self.slot_pages.device)

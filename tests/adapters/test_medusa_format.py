@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.train_medusa import save_medusa_heads
-from loraserve.adapters.errors import AdapterFormatError
+from loraserve.adapters.errors import AdapterFormatError, AdapterTooLargeError
 from loraserve.adapters.medusa_format import has_medusa_heads, load_medusa_heads
+from tests.adapters.helpers import BASE, acquire
 
 HIDDEN, VOCAB = 8, 20
 
@@ -96,3 +97,44 @@ def test_malformed_heads_are_refused_by_what_is_wrong(tmp_path: Path, case: str)
     change(directory)
     with pytest.raises(AdapterFormatError, match=message):
         load_medusa_heads(directory, HIDDEN, VOCAB)
+
+
+def test_a_config_json_that_is_not_medusa_s_is_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    assert not has_medusa_heads(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 3}))
+    assert has_medusa_heads(tmp_path)  # then refused for want of the weights (MALFORMED above)
+
+
+def save_heads_for(directory: Path, projected: bool) -> Path:
+    """Four heads for the registry tests' base (hidden 64, vocabulary 320)."""
+    generator = torch.Generator().manual_seed(1)
+    width, vocab = BASE.hidden_size, BASE.vocab_size
+    return save_medusa_heads(directory, torch.randn(4, 1, width, width, generator=generator),
+                             torch.randn(4, 1, width, generator=generator),
+                             torch.randn(4, vocab, width, generator=generator) if projected else None)
+
+
+def test_an_adapters_heads_hold_pages_of_the_pool_while_resident(make_registry, make_adapter) -> None:
+    """Heads sit beside the pool but hold pages of it with their slot, so --adapter-memory bounds them too; the
+    pages and the heads go when the slot does."""
+    registry, pool = make_registry(num_slots=2, num_pages=40)
+    directory = save_heads_for(make_adapter(rank=4), projected=False)
+    expected = load_medusa_heads(directory, BASE.hidden_size, BASE.vocab_size).block_weights
+    assert registry.add("heads", directory).num_medusa_heads == 4  # its files move into the store
+    head_pages = -(-4 * (64 * 64 + 64) * 4 // pool.page_size)
+    ref = registry.resolve("heads")
+    slot = acquire(registry, ref)
+    assert pool.num_free_pages == 40 - 4 - head_pages and head_pages > 1
+    assert torch.equal(pool.medusa_heads[slot].block_weights, expected)
+    registry.release(ref)
+    registry.unpin(ref)
+    registry.remove("heads")
+    assert pool.num_free_pages == 40 and pool.medusa_heads[slot] is None
+
+
+def test_heads_larger_than_the_adapter_memory_are_refused_at_upload(make_registry, make_adapter) -> None:
+    registry, _ = make_registry(num_slots=2, num_pages=16)
+    with pytest.raises(AdapterTooLargeError, match="for its Medusa heads.*--adapter-memory"):
+        registry.add("huge-heads", save_heads_for(make_adapter(rank=4), projected=True))
+    assert not registry.records()

@@ -152,7 +152,7 @@ def test_an_adapters_own_heads_propose_for_its_requests_beside_the_base_heads(ta
     own = save_random_adapter(model_dir, tmp_path / "own", seed=1, rank=4)
     save_fixed_guess_heads(own, target, token=7)
     plain_adapter = save_random_adapter(model_dir, tmp_path / "plain", seed=2, rank=4)
-    config = dict(block_size=4, num_kv_blocks=1024, max_loras=2, max_lora_rank=8)
+    config = dict(block_size=4, num_kv_blocks=1024, max_loras=2, max_lora_rank=64)  # room for the heads' pages
     plain = LLMEngine(target, ServerConfig(**config, adapter_dir=str(tmp_path / "a")))
     engine = medusa_engine(target, heads_dir, **config, adapter_dir=str(tmp_path / "b"))
     for each in (plain, engine):
