@@ -1,16 +1,16 @@
 """Trains Medusa heads for a model by self-distillation: the model answers instructions, and each head learns to
 guess, from the model's final hidden state at a position, the token the model itself wrote k + 1 places later.
 
-Usage: python -m benchmarks.train_medusa [--heads 4] [--layers 1] [--max-tokens 192] [--epochs 4]
-                                         [--device auto] [--out benchmarks/out]
+Usage: python -m benchmarks.train_medusa [--heads 4] [--layers 1] [--instructions 768] [--max-tokens 192]
+                                         [--epochs 6] [--adapter DIR] [--own-projections] [--device auto]
+                                         [--out benchmarks/out]
 Writes <out>/medusa-heads/{config.json, medusa_lm_head.safetensors} (with --adapter DIR, heads for that adapter's
-requests, into DIR beside its PEFT files) in the layout LoRAX reads (residual blocks
-only, the base model's head as each head's projection; `--own-projections` writes Medusa-1's layout, each head
-with a copy of the base head), ready for `loraserve serve --medusa-heads <dir> --spec-tokens N`. The base head
-stays frozen, so training moves a few small matrices, with the softmax over the tokens the answers use: about
-5 minutes on a 2-core CPU for the embedded model.
-The answers are the model's greedy ones, as the benchmark asks for; none of the benchmark's questions is among
-the instructions. Progress goes to stderr.
+requests, into DIR beside its PEFT files) in the layout LoRAX reads (residual blocks only, the base model's head
+as each head's projection; `--own-projections` writes Medusa-1's layout, each head with a copy of the base head),
+ready for `loraserve serve --medusa-heads <dir> --spec-tokens N`. The base head stays frozen, so training moves a
+few small matrices, with the softmax over the tokens the answers use. On a 2-core CPU for the embedded model,
+768 instructions take about 12 minutes (8 answering them, 4 training). The answers are the model's greedy ones,
+as the benchmark asks for; none of the benchmark's questions is among the instructions. Progress goes to stderr.
 """
 import argparse
 import json
@@ -47,11 +47,16 @@ TOPICS = ["the water cycle", "photosynthesis", "volcanoes", "the moon", "electri
 FORMS = ["Explain {} to a ten-year-old.", "Write a short paragraph about {}.",
          "What are three interesting facts about {}?", "Write a short story in which {} matter.",
          "Describe the history of {} in a few sentences.", "What are the advantages and disadvantages of {}?",
-         "Write a short poem about {}.", "Give me some tips related to {}."]
+         "Write a short poem about {}.", "Give me some tips related to {}.", "Why do people care about {}?",
+         "Write a diary entry by someone who loves {}.", "Compare {} with something similar.",
+         "What would the world be like without {}?", "Summarise what a beginner should know about {}.",
+         "Write a dialogue between two friends about {}.", "List some common myths about {}.",
+         "How might {} change in the next fifty years?"]
 
 
-def instructions() -> list[str]:
-    return [form.format(topic) for topic in TOPICS for form in FORMS]
+def instructions(count: int) -> list[str]:
+    """`count` instructions, every topic in each form before the next form."""
+    return [form.format(topic) for form in FORMS for topic in TOPICS][:count]
 
 
 class Teacher:
@@ -192,8 +197,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--instructions", type=int, default=768, help=f"instructions answered (at most "
+                        f"{len(TOPICS) * len(FORMS)}): more generalise better, and take longer")
     parser.add_argument("--max-tokens", type=int, default=192)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--full-vocabulary", action="store_true", help="train over the whole vocabulary, not only "
                         "the tokens of the prompts and answers (ten times slower)")
@@ -204,7 +211,7 @@ def main() -> None:
     add_device_and_out(parser)
     args = parser.parse_args()
     loaded = load_embedded(args)
-    prompts = [chat_prompt(loaded, message) for message in instructions()]
+    prompts = [chat_prompt(loaded, message) for message in instructions(args.instructions)]
     print(f"answering {len(prompts)} instructions...", file=sys.stderr)
     teacher = Teacher(loaded, args.adapter)
     sequences = teacher.answer(prompts, args.max_tokens)

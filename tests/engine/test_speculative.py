@@ -75,7 +75,8 @@ def proposers(target: LoadedModel, model_dir: Path, adapter_dirs: dict[str, Path
         train_tiny_heads(target, PROMPTS, with_heads[name], adapter=with_heads[name])
     return {"prompt lookup": {}, "draft model": {"draft": load_model(str(noisy), torch.device("cpu"), torch.float32)},
             "target as draft": {"draft": target},
-            "medusa heads": {"medusa_heads": str(heads), "adapters": with_heads}}
+            "medusa heads": {"medusa_heads": str(heads), "adapters": with_heads,
+                             "max_lora_rank": 16}}  # the adapters' heads hold pages of the pool too
 
 
 @pytest.fixture
