@@ -29,6 +29,7 @@ from loraserve.config import ServerConfig
 from loraserve.engine.engine import LLMEngine
 from loraserve.engine.sampling_params import SamplingParams
 from loraserve.model.loader import LoadedModel
+from loraserve.model.medusa import medusa_logits
 
 TOPICS = ["the water cycle", "photosynthesis", "volcanoes", "the moon", "electricity", "the printing press",
           "coffee", "chess", "rainbows", "steam trains", "coral reefs", "honey bees", "clouds", "earthquakes",
@@ -161,7 +162,6 @@ def train_heads(head_weight: torch.Tensor, inputs: torch.Tensor, targets: torch.
 def head_accuracy(head_weight: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor, inputs: torch.Tensor,
                   targets: torch.Tensor) -> list[float]:
     """How often each head's top token is its target."""
-    from loraserve.model.medusa import medusa_logits
     with torch.inference_mode():
         guesses = torch.cat([medusa_logits(inputs[start:start + 512], weights, biases, None,
                                            lambda states: states @ head_weight.float().T).argmax(dim=-1)

@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass
 
 from loraserve.adapters.lora_config import TARGETS
+from loraserve.adapters.medusa_format import MedusaWeights
 
 # The kinds served, by the name the API lists (PEFT's peft_type, lower-cased).
 LORA, PROMPT_TUNING, PREFIX_TUNING = "lora", "prompt_tuning", "prefix_tuning"
@@ -72,3 +73,10 @@ class AdapterInfo:
         return AdapterInfo(self.rank, self.alpha, self.use_rslora, self.targets, self.size_bytes,
                            use_dora=self.use_dora, kind=self.kind, num_virtual_tokens=self.num_virtual_tokens,
                            num_medusa_heads=self.num_medusa_heads, medusa_bytes=self.medusa_bytes)
+
+
+@dataclass(frozen=True)
+class LoadedAdapter(AdapterInfo):
+    """An adapter with its weights on the CPU: each kind adds its own; any kind may bring its own Medusa heads."""
+
+    medusa_heads: MedusaWeights | None = dataclasses.field(default=None, kw_only=True)

@@ -16,12 +16,13 @@ OPTIONAL_FILES = (MEDUSA_CONFIG_FILE, MEDUSA_WEIGHTS_FILE)
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    """A config file's JSON object (adapter_config.json, or Medusa heads' config.json)."""
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterFormatError(f"{CONFIG_FILE} is not readable JSON: {error}") from error
+        raise AdapterFormatError(f"{path.name} is not readable JSON: {error}") from error
     if not isinstance(config, dict):
-        raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
+        raise AdapterFormatError(f"{path.name} must hold a JSON object")
     return config
 
 

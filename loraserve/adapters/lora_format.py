@@ -8,11 +8,10 @@ from typing import Any
 
 import torch
 
-from loraserve.adapters.adapter_info import AdapterInfo, BaseModelShape
+from loraserve.adapters.adapter_info import AdapterInfo, BaseModelShape, LoadedAdapter
 from loraserve.adapters.config_checks import CONFIG_FILE
 from loraserve.adapters.errors import AdapterFormatError
 from loraserve.adapters.lora_config import TARGETS, Module, read_lora_settings
-from loraserve.adapters.medusa_format import MedusaWeights
 from loraserve.adapters.safetensors_reader import check_dtype, read_finite_tensors, tensor_headers
 
 # PEFT over LlamaForCausalLM saves base_model.model.model.layers...; over LlamaModel, base_model.model.layers...
@@ -24,7 +23,7 @@ TensorNames = dict[Module, dict[str, str]]  # each module's tensor names: "A", "
 
 
 @dataclass(frozen=True)
-class LoraAdapter(AdapterInfo):
+class LoraAdapter(LoadedAdapter):
     """A validated adapter with its weights on the CPU, in their stored dtype; a (layer, target) not in weights is
     untouched. A module's rank is its A's rows."""
 
@@ -34,7 +33,6 @@ class LoraAdapter(AdapterInfo):
     # output feature is multiplied by, less one (`column_scales`), which needs the base weights.
     magnitudes: dict[Module, torch.Tensor] = dataclasses.field(default_factory=dict)
     column_scales: dict[Module, torch.Tensor] = dataclasses.field(default_factory=dict)
-    medusa_heads: MedusaWeights | None = dataclasses.field(default=None, kw_only=True)  # its own, if it has some
 
     def scale_of(self, module: Module) -> float:
         return self.module_scales.get(module, self.scale)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from loraserve.adapters.config_checks import MEDUSA_CONFIG_FILE, MEDUSA_WEIGHTS_FILE, is_int
+from loraserve.adapters.config_checks import MEDUSA_CONFIG_FILE, MEDUSA_WEIGHTS_FILE, is_int, read_config
 from loraserve.adapters.errors import AdapterFormatError
 from loraserve.adapters.safetensors_reader import check_dtype, read_finite_tensors, tensor_headers
 
@@ -120,15 +120,10 @@ def _natural(name: str) -> list[Any]:
 
 
 def _read_config(path: Path) -> tuple[int, int]:
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         raise AdapterFormatError(f"Medusa heads need {MEDUSA_CONFIG_FILE} (medusa_num_heads, medusa_num_layers) "
-                                 f"beside {MEDUSA_WEIGHTS_FILE}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterFormatError(f"{MEDUSA_CONFIG_FILE} is not readable JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{MEDUSA_CONFIG_FILE} must hold a JSON object")
+                                 f"beside {MEDUSA_WEIGHTS_FILE}")
+    config = read_config(path)
     num_heads, num_layers = config.get("medusa_num_heads"), config.get("medusa_num_layers", 1)
     if not is_int(num_heads) or not 1 <= num_heads <= MAX_HEADS:
         raise AdapterFormatError(f"medusa_num_heads in {MEDUSA_CONFIG_FILE} must be an integer from 1 to "

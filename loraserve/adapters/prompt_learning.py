@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-from loraserve.adapters.adapter_info import PREFIX_TUNING, PROMPT_TUNING, AdapterInfo, BaseModelShape
+from loraserve.adapters.adapter_info import PREFIX_TUNING, PROMPT_TUNING, AdapterInfo, BaseModelShape, LoadedAdapter
 from loraserve.adapters.config_checks import CONFIG_FILE, is_int, refuse_options
 from loraserve.adapters.errors import AdapterFormatError
-from loraserve.adapters.medusa_format import MedusaWeights
 from loraserve.adapters.safetensors_reader import check_dtype, read_finite_tensors, tensor_headers
 
 TENSOR = "prompt_embeddings"
@@ -40,9 +39,8 @@ class VirtualTokens:
 
 
 @dataclass(frozen=True)
-class PromptLearningAdapter(AdapterInfo):
+class PromptLearningAdapter(LoadedAdapter):
     virtual_tokens: VirtualTokens
-    medusa_heads: MedusaWeights | None = dataclasses.field(default=None, kw_only=True)  # its own, if it has some
 
 
 def inspect_prompt_learning(config: dict[str, Any], weights_path: Path, base: BaseModelShape) -> AdapterInfo:
