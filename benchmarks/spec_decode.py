@@ -3,7 +3,7 @@ heads (--medusa-heads, as benchmarks.train_medusa makes them) and a draft model 
 the embedded model's vocabulary ships with it, so only when given).
 
 Usage: python -m benchmarks.spec_decode [--spec-tokens 4] [--max-tokens 128] [--prompts 4] [--batch 8]
-                                        [--medusa-heads DIR] [--draft-model PATH] [--device auto]
+                                        [--medusa-heads DIR] [--draft-model PATH] [--every-draft] [--device auto]
                                         [--out benchmarks/out]
 Two workloads of chat prompts, greedy: "repeating" asks the model to reproduce a passage (so prompt lookup finds
 what comes next in the prompt), "non-repeating" asks open questions (so it rarely finds anything). Each runs at
@@ -11,7 +11,9 @@ batch 1 (--prompts requests, one at a time) and at batch --batch (that many requ
 engines, one without speculation and one per proposer, in-process (LLMEngine, no HTTP). The engines take turns
 step by step, so a change in the machine's load hits all alike. Decode tokens/s leaves prefill out: it counts the tokens
 of the steps after the one that gave the last request of a group its first token, over those steps' time.
-Acceptance is accepted / draft tokens; per position i, drafts whose token i was accepted / drafts. "same output"
+"verified" is the share of the proposer's guesses that were verified (all of them with --no-spec-adaptive; by
+default, those expected to pay for their rows). Acceptance is accepted / draft tokens verified; per position i,
+drafts whose token i was accepted / drafts. "same output"
 counts requests whose greedy output is identical with and without speculation (it must be all of them). Prints a
 table, writes spec_decode.json and spec_decode.png under --out; progress goes to stderr.
 """
@@ -74,6 +76,7 @@ PASSAGES = {
         "problems: the lanes are crowded at rush hour, there are not enough places to park a bicycle near the "
         "station, and some drivers still park in the lanes. But few people would want to go back to the way it was."),
 }
+EVERY_DRAFT = ", every draft"  # an engine verifying every draft (--no-spec-adaptive), with --every-draft
 SUBJECTS = {"lighthouse": "the lamp", "bread": "the dough", "bees": "the workers", "bicycles": "the lanes"}
 OPEN_QUESTIONS = [
     "Write a short story about a robot who learns to paint.",
@@ -104,11 +107,11 @@ def chat_prompts(loaded: LoadedModel, messages: list[str], count: int) -> list[l
 
 
 def spec_counters(engine: LLMEngine, positions: int) -> list[float]:
-    """Drafts, draft tokens, accepted tokens, then accepted at each position: read before and after timing, so
-    the warm-up does not count."""
+    """Drafts, draft tokens, accepted tokens, guesses left unverified, then accepted at each position: read before
+    and after timing, so the warm-up does not count."""
     metrics = engine.metrics
     values = [metrics.spec_drafts._value.get(), metrics.spec_draft_tokens._value.get(),
-              metrics.spec_accepted_tokens._value.get()]
+              metrics.spec_accepted_tokens._value.get(), metrics.spec_unverified_tokens._value.get()]
     return values + [metrics.spec_accepted_per_position.labels(position=str(position))._value.get()
                      for position in range(positions)]
 
@@ -147,10 +150,12 @@ def make_engine(loaded: LoadedModel, proposer: str, batch: int, args: argparse.N
     """A fresh engine proposing with `proposer` ("none" for plain decoding), warmed up on a prompt that repeats, so
     prompt lookup proposes during the warm-up too."""
     spec_tokens = 0 if proposer == "none" else args.spec_tokens
+    every_draft = proposer.endswith(EVERY_DRAFT)
     config = ServerConfig(spec_tokens=spec_tokens, spec_ngram_min=args.ngram_min, spec_ngram_max=args.ngram_max,
-                          medusa_heads=str(args.medusa_heads) if proposer == "Medusa heads" else None,
-                          block_size=16, kv_cache_memory=256 << 20, max_num_seqs=batch)
-    engine = LLMEngine(loaded, config, draft=draft if proposer == "draft model" else None)
+                          medusa_heads=str(args.medusa_heads) if proposer.startswith("Medusa heads") else None,
+                          spec_adaptive=not every_draft, block_size=16, kv_cache_memory=256 << 20,
+                          max_num_seqs=batch)
+    engine = LLMEngine(loaded, config, draft=draft if proposer.startswith("draft model") else None)
     warm_up = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     engine.generate([list(range(10, 26)) * 3] * batch, warm_up)
     return engine
@@ -179,11 +184,11 @@ def measure(loaded: LoadedModel, prompts: list[list[int]], batch: int, proposers
     print(file=sys.stderr)
     summaries = []
     for name, engine, earlier, runs_of_engine in zip(names, engines, before, runs):
-        drafts, draft_tokens, accepted, *per_position = (after - value for after, value
-                                                         in zip(spec_counters(engine, spec_tokens), earlier))
+        drafts, draft_tokens, accepted, unverified, *per_position = (
+            after - value for after, value in zip(spec_counters(engine, spec_tokens), earlier))
         summary = summarize(runs_of_engine)
         summary.update({"proposer": name, "drafts": int(drafts), "draft_tokens": int(draft_tokens),
-                        "accepted_tokens": int(accepted),
+                        "accepted_tokens": int(accepted), "unverified_tokens": int(unverified),
                         "acceptance": accepted / draft_tokens if draft_tokens else 0.0,
                         "acceptance_per_position": [count / drafts if drafts else 0.0 for count in per_position]})
         summaries.append(summary)
@@ -221,15 +226,17 @@ def compare(loaded: LoadedModel, workload: str, prompts: list[list[int]], batch:
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'workload':<15}{'batch':>6}  {'proposer':<15}{'spec':>5}{'tok/s without':>15}{'tok/s with':>12}"
-          f"{'speedup':>9}{'accept':>8}  {'per position':<24}{'same output':>12}{'mean tokens':>12}")
+    print(f"\n{'workload':<15}{'batch':>6}  {'proposer':<27}{'spec':>5}{'tok/s without':>15}{'tok/s with':>12}"
+          f"{'speedup':>9}{'verified':>9}{'accept':>8}  {'per position':<24}{'same output':>12}{'mean tokens':>12}")
     for result in results:
         with_spec = result["with"]
         per_position = " ".join(f"{value:.2f}" for value in with_spec["acceptance_per_position"])
         mean_tokens = with_spec["generated_tokens"] / result["requests"]
-        print(f"{result['workload']:<15}{result['batch']:>6}  {result['proposer']:<15}{result['spec_tokens']:>5}"
+        guesses = with_spec["draft_tokens"] + with_spec["unverified_tokens"]
+        verified = with_spec["draft_tokens"] / guesses if guesses else 0.0
+        print(f"{result['workload']:<15}{result['batch']:>6}  {result['proposer']:<27}{result['spec_tokens']:>5}"
               f"{result['without']['tokens_per_second']:>15.1f}{with_spec['tokens_per_second']:>12.1f}"
-              f"{result['speedup']:>8.2f}x{with_spec['acceptance']:>8.2f}  {per_position:<24}"
+              f"{result['speedup']:>8.2f}x{verified:>9.2f}{with_spec['acceptance']:>8.2f}  {per_position:<24}"
               f"{result['same_output']:>7}/{result['requests']:<4}{mean_tokens:>12.1f}")
 
 
@@ -284,12 +291,16 @@ def main() -> None:
     parser.add_argument("--medusa-heads", type=Path, help="Medusa heads for the embedded model (made by "
                         "benchmarks.train_medusa) to compare beside prompt lookup")
     parser.add_argument("--draft-model", help="a draft model (same tokenizer) to compare too")
+    parser.add_argument("--every-draft", action="store_true", help="also run each proposer verifying every draft "
+                        "(--no-spec-adaptive), beside the server's default (only drafts expected to pay)")
     add_device_and_out(parser)
     args = parser.parse_args()
     loaded = load_embedded(args)
     device = next(loaded.model.parameters()).device
     draft = load_model(args.draft_model, device, resolve_dtype(args.dtype), "auto") if args.draft_model else None
     proposers = ["prompt lookup"] + ["Medusa heads"] * bool(args.medusa_heads) + ["draft model"] * bool(draft)
+    if args.every_draft:
+        proposers += [proposer + EVERY_DRAFT for proposer in proposers]
     workloads = {"repeating": repeating_messages(), "non-repeating": OPEN_QUESTIONS}
     results = []
     for workload, messages in workloads.items():

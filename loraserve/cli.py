@@ -70,6 +70,9 @@ HELP = {
     "max_request_bytes": "largest request body accepted (adapter uploads have their own limit); larger ones get "
                          "413 before they are read",
     "spec_tokens": "speculative decoding: tokens proposed per step and verified in one forward pass (0: off)",
+    "spec_adaptive": "speculative decoding: verify only the drafts expected to pay for the rows they add, from how "
+                     "often each request's drafts held and what a row costs in recent steps; --no-spec-adaptive "
+                     "verifies every draft",
     "spec_ngram_min": "prompt lookup: shortest suffix of the output matched against the prompt and output",
     "spec_ngram_max": "prompt lookup: longest suffix matched (longer matches are tried first)",
     "draft_model": "propose with this smaller model (Hugging Face directory or .gguf, same tokenizer) instead of "

@@ -35,6 +35,7 @@ class ServerConfig:
     max_adapter_bytes: int = 512 << 20  # largest accepted upload
     max_request_bytes: int = 2 << 20  # largest request body (uploads excepted; TGI's default): 413 unread
     spec_tokens: int = 0  # speculative decoding: tokens proposed per step (0: off)
+    spec_adaptive: bool = True  # verify only the drafts expected to pay for their rows (else every draft)
     spec_ngram_min: int = 2  # prompt lookup matches suffixes of spec_ngram_min to spec_ngram_max tokens
     spec_ngram_max: int = 4
     draft_model: str | None = None  # propose with this model (same tokenizer) instead of prompt lookup

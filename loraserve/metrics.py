@@ -95,6 +95,10 @@ class Metrics:
         self.spec_accepted_per_position = Counter(
             "loraserve:spec_decode_num_accepted_tokens_per_pos",
             "Draft tokens accepted, by position in the draft (0 is the first).", ["position"], registry=registry)
+        self.spec_unverified_tokens = Counter(
+            "loraserve:spec_decode_num_unverified_tokens",
+            "Tokens proposed but not verified, as not expected to pay for their rows (--spec-adaptive).",
+            registry=registry)
 
         self.adapter_loads = Counter("loraserve:adapter_loads", "Adapter loads, by tier loaded into (cpu, gpu).",
                                      ["tier"], registry=registry)

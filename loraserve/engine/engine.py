@@ -84,7 +84,8 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.seed_source = random.Random(config.seed)
         proposer = make_proposer(config, loaded, draft, num_blocks, slots.medusa_heads)
-        self.speculation = None if proposer is None else Speculation(proposer, config.spec_tokens)
+        self.speculation = None if proposer is None else Speculation(proposer, config.spec_tokens,
+                                                                     config.spec_adaptive)
         self.consecutive_culprits = 0
 
     def _capture_graphs(self, max_num_seqs: int) -> None:
@@ -151,8 +152,9 @@ class LLMEngine:
         A request the step fails on ends alone with an error (see fault_isolation.py); a device error, or a fault
         that every request hits, raises EngineDeadError or the error itself: the engine cannot go on.
         """
+        started = time.perf_counter()
         if self.speculation is not None:
-            self.speculation.propose(self.scheduler.running)
+            self.metrics.spec_unverified_tokens.inc(self.speculation.propose(self.scheduler.running))
         self._news.clear()
         batch = self.scheduler.schedule(LOADING_PREFILL_TOKENS if self.adapters.loading() else None)
         share_cores_with_helper(self.adapters.loading())  # after scheduling, which may have asked for loads
@@ -165,11 +167,14 @@ class LLMEngine:
         self.metrics.step_tokens.observe(sum(batch.num_new_tokens))
         work = list(zip(batch.sequences, batch.num_new_tokens))
         snapshot = GeneratorSnapshot([sequence for sequence in batch.sequences if not sequence.params.greedy])
+        decoding = all(sequence.num_tokens - sequence.num_computed_tokens == 1 for sequence in batch.sequences)
         failures = isolate(work, lambda group: outputs.extend(self._run(group)),
                            lambda group: snapshot.restore(sequence for sequence, _ in group),
                            lambda item, error: outputs.append(self._fail(item[0], error)))
         if failures:
             self.metrics.failed_steps.inc()
+        elif decoding and self.speculation is not None:
+            self.speculation.record_step(sum(batch.num_new_tokens), time.perf_counter() - started)
         return outputs
 
     def _run(self, work: list[tuple[Sequence, int]]) -> list[RequestOutput]:
@@ -184,7 +189,7 @@ class LLMEngine:
         sampled = [batch.sequences[index] for index in sampling]
         results = sample(logits, sampled)
         if self.speculation is not None:
-            self.speculation.keep_hidden_states(sampled, results, hidden)
+            self.speculation.after_sampling(sampled, results, hidden)
         self.consecutive_culprits = 0
         for sequence, num_new in work:
             sequence.num_computed_tokens += num_new

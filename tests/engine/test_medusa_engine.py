@@ -37,7 +37,7 @@ def heads_dir(target: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def medusa_engine(target: LoadedModel, heads_dir: Path, **settings) -> LLMEngine:
     config = ServerConfig(**{"block_size": 4, "num_kv_blocks": 1024, "spec_tokens": 4,
-                             "medusa_heads": str(heads_dir), **settings})
+                             "medusa_heads": str(heads_dir), "spec_adaptive": False, **settings})
     return LLMEngine(target, config)
 
 

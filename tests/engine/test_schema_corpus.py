@@ -93,7 +93,8 @@ def test_sampled_answers_validate_and_greedy_ones_ignore_speculation(setup, tmp_
     for (index, _), text in sampled.items():
         jsonschema.validate(json.loads(text), schemas[index])
     plain = answers(engine_for(model_dir, adapter_dir, tmp_path / "b"), schemas, temperature=0.0)
-    speculating = engine_for(model_dir, adapter_dir, tmp_path / "c", spec_tokens=4)
+    speculating = engine_for(model_dir, adapter_dir, tmp_path / "c", spec_tokens=4,
+                             spec_adaptive=False)  # every draft verified
     assert answers(speculating, schemas, temperature=0.0) == plain
     assert speculating.metrics.spec_draft_tokens._value.get() > 0
     assert plain[(0, False)] != plain[(0, True)] or plain[(1, False)] != plain[(1, True)]  # the adapter counts

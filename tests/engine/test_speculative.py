@@ -83,7 +83,9 @@ def proposers(target: LoadedModel, model_dir: Path, adapter_dirs: dict[str, Path
 def make_engine(target, adapter_dirs, tmp_path) -> Callable[..., LLMEngine]:
     def make(draft: LoadedModel | None = None, adapters: dict[str, Path] | None = None, **settings) -> LLMEngine:
         config = ServerConfig(**{"block_size": 4, "num_kv_blocks": 2048, "max_loras": 2, "max_lora_rank": 8,
-                                 "spec_ngram_min": 1, "spec_ngram_max": 3, **settings})
+                                 "spec_ngram_min": 1, "spec_ngram_max": 3,
+                                 # every draft verified (which drafts pay is test_draft_budget's part)
+                                 "spec_adaptive": False, **settings})
         engine = LLMEngine(target, dataclasses.replace(config, adapter_dir=str(tmp_path / str(id(config)))),
                            draft=draft)
         for name, directory in (adapters or adapter_dirs).items():

@@ -219,12 +219,21 @@ def prompt(reference: LlamaForCausalLM) -> list[int]:
 
 
 def speculative_engine(target: LoadedModel, draft: LoadedModel | None, spec_tokens: int = 3,
-                       medusa_heads: Path | None = None) -> LLMEngine:
-    """An engine that runs every request at once: the cache, batch and token budget hold them all."""
+                       medusa_heads: Path | None = None, adaptive: bool = False) -> LLMEngine:
+    """An engine that runs every request at once: the cache, batch and token budget hold them all. Every draft is
+    verified, unless `adaptive`: then a request verifies the drafts its own earlier draws make likely to hold, by
+    step costs set so that a draft must hold about half the time to pay (not the machine's, which vary)."""
     config = ServerConfig(block_size=4, num_kv_blocks=8 * NUM_REQUESTS, max_num_seqs=NUM_REQUESTS,
                           max_num_batched_tokens=32 * NUM_REQUESTS, spec_tokens=spec_tokens, spec_ngram_min=1,
-                          spec_ngram_max=3, medusa_heads=None if medusa_heads is None else str(medusa_heads))
-    return LLMEngine(target, config, draft=draft)
+                          spec_ngram_max=3, medusa_heads=None if medusa_heads is None else str(medusa_heads),
+                          spec_adaptive=adaptive)
+    engine = LLMEngine(target, config, draft=draft)
+    if adaptive:
+        budget = engine.speculation.budget
+        for rows in (NUM_REQUESTS, 4 * NUM_REQUESTS):
+            budget.record_step(rows, 1e-5 * (NUM_REQUESTS + rows))
+        budget.record_step = lambda rows, seconds: None
+    return engine
 
 
 def sample_first_tokens(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> Counter:
@@ -250,24 +259,28 @@ def speculation_counts(engine: LLMEngine) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("proposer, setting, spec_tokens", [
-    ("ngram", "plain", 1), ("ngram", "truncated", 3), ("ngram", "penalised", 3),
-    ("draft_model", "plain", 1), ("draft_model", "truncated", 3),
-    ("draft_model", "penalised", 3), ("medusa", "plain", 1), ("medusa", "truncated", 3), ("medusa", "penalised", 3),
+@pytest.mark.parametrize("proposer, setting, spec_tokens, adaptive", [
+    ("ngram", "plain", 1, False), ("ngram", "truncated", 3, False), ("ngram", "penalised", 3, False),
+    ("draft_model", "plain", 1, False), ("draft_model", "truncated", 3, False), ("draft_model", "penalised", 3, False),
+    ("medusa", "plain", 1, False), ("medusa", "truncated", 3, False), ("medusa", "penalised", 3, False),
+    ("ngram", "penalised", 3, True), ("draft_model", "truncated", 3, True),
 ])
 def test_speculative_samples_follow_the_exact_target_distribution(
-        proposer: str, setting: str, spec_tokens: int, target: LoadedModel, draft: LoadedModel,
+        proposer: str, setting: str, spec_tokens: int, adaptive: bool, target: LoadedModel, draft: LoadedModel,
         medusa_heads: Path, reference: LlamaForCausalLM, prompt: list[int]) -> None:
     """The first three output tokens, sampled with speculation, pass a chi-square test against the exact joint
     distribution of the target alone; and the test is not vacuous: drafts were proposed, some accepted and some
-    rejected. One draft per step puts the bonus token among those judged; three chain two drafts."""
+    rejected (and, where a budget chose, some left unverified). One draft per step puts the bonus token among those
+    judged; three chain two drafts."""
     params = SETTINGS[setting]
     engine = speculative_engine(target, draft if proposer == "draft_model" else None, spec_tokens,
-                                medusa_heads if proposer == "medusa" else None)
+                                medusa_heads if proposer == "medusa" else None, adaptive)
     observed = sample_first_tokens(engine, prompt, params)
     num_drafts, num_accepted = speculation_counts(engine)
     assert num_drafts >= NUM_REQUESTS // 2, "too few drafts were verified for the test to mean anything"
     assert 0.05 * num_drafts < num_accepted < 0.95 * num_drafts, (num_drafts, num_accepted)
+    if adaptive:
+        assert engine.metrics.spec_unverified_tokens._value.get() >= NUM_REQUESTS // 4
     assert_matches(observed, exact_joint_distribution(reference, prompt, params))
 
 
