@@ -30,7 +30,9 @@ def save_random_heads(directory: Path, seed: int, num_heads: int = 3, projected:
 def medusa_server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Server]:
     heads = save_random_heads(tmp_path_factory.mktemp("base_heads"), seed=1)
     yield from start_server(tmp_path_factory.mktemp("medusa_server"), *ADAPTER_FLAGS, "--max-adapter-bytes", "1MiB",
-                            "--spec-tokens", "3", "--medusa-heads", str(heads), model=str(tiny_model_dir),
+                            "--spec-tokens", "3", "--medusa-heads", str(heads),
+                            "--no-spec-adaptive",  # random heads: verified only because every draft is
+                            model=str(tiny_model_dir),
                             admin_key=ADMIN_KEY)
 
 
