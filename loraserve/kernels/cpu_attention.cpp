@@ -104,10 +104,22 @@ inline Floats load(const float* source) {
     return values;
 }
 
+// 16 bfloat16 values as floats: a bfloat16 is the top half of the float it rounds, so widening each to 32 bits and
+// shifting it up is exact.
+inline Floats load(const c10::BFloat16* source) {
+    typedef uint16_t Halves __attribute__((vector_size(32)));
+    Halves halves;
+    std::memcpy(&halves, source, sizeof(halves));
+    const Ints bits = __builtin_convertvector(halves, Ints) << 16;
+    Floats values;
+    std::memcpy(&values, &bits, sizeof(values));
+    return values;
+}
+
 // The scores of `count` keys (a stride apart) for each query head of a group, into scores[head * visible]: a
 // head_dim known when compiled (64, 128) keeps each key in registers for every head, one lane sum per score.
-template <int kDim>
-void score_keys(const float* queries, const float* keys, int64_t stride, int64_t count, int64_t group,
+template <int kDim, typename scalar_t>
+void score_keys(const float* queries, const scalar_t* keys, int64_t stride, int64_t count, int64_t group,
                 float* scores, int64_t visible) {
     for (int64_t slot = 0; slot < count; ++slot) {
         Floats key[kDim / 16];
@@ -122,8 +134,8 @@ void score_keys(const float* queries, const float* keys, int64_t stride, int64_t
 }
 
 // sums[head] += weights[head * visible + slot] * value[slot] over `count` values, each head's sums in registers.
-template <int kDim>
-void add_values(const float* weights, const float* values, int64_t stride, int64_t count, int64_t group,
+template <int kDim, typename scalar_t>
+void add_values(const float* weights, const scalar_t* values, int64_t stride, int64_t count, int64_t group,
                 float* sums, int64_t visible) {
     for (int64_t head = 0; head < group; ++head) {
         Floats total[kDim / 16];
@@ -161,10 +173,10 @@ void add_values_any(const float* weights, const scalar_t* values, int64_t stride
 }
 
 // Calls `fixed` with the head_dim as a compile-time constant where a kernel above has that size for this element
-// type (float32 caches, head_dim 64 or 128), else `any`.
+// type (float32 and bfloat16 caches, head_dim 64 or 128), else `any`.
 template <typename scalar_t, typename Fixed, typename Any>
 void by_head_dim(int64_t head_dim, Fixed fixed, Any any) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
         if (head_dim == 64) return fixed(std::integral_constant<int, 64>());
         if (head_dim == 128) return fixed(std::integral_constant<int, 128>());
     }
