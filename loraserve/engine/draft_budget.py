@@ -3,10 +3,10 @@
 A verified draft costs a row of the step (on a CPU nearly as much as a decoding row; on a GPU at small batches
 almost nothing) and gives a token only if it and every draft before it hold. So each request keeps its own estimate
 of how often its drafts hold, position by position (moving averages, started from the server's), the step's cost
-per row is learned from the decoding steps themselves, and the drafts most likely to hold are verified first, while
-each one is expected to pay for its row. The proposer guesses one token past what a request is expected to verify;
-a guess left unverified is still checked against the token the step does produce, so a request whose drafts
-stopped paying finds out when they pay again.
+per row and the proposer's per guess are learned from the steps themselves, and the drafts most likely to hold are
+verified first, while each one is expected to pay for what it costs. Every few steps the proposer guesses one token
+past what a request is expected to verify; that guess is checked against the token the step does produce, so a
+request whose drafts stopped paying finds out when they pay again.
 
 Output is unchanged by any of this: how many drafts are verified is decided from earlier steps alone, before the
 step's own draws, and verification is exact for any number of drafts.
@@ -20,7 +20,7 @@ INITIAL_RATE = 0.5  # how often a draft is taken to hold before anything was see
 REQUEST_WEIGHT = 0.2  # weight of one observation in a request's moving average
 SERVER_WEIGHT = 0.02  # ... in the server's, which new requests start from
 STEP_WEIGHT = 0.1  # weight of one step's time in its row count's moving average
-PROBE_INTERVAL = 4  # steps between guesses for a request whose drafts do not pay
+PROBE_INTERVAL = 4  # steps between guesses that are checked without being verified
 MAX_STEP_SAMPLES = 32  # a row count's weight in the cost line, at most (moving averages, not a history)
 
 
@@ -61,29 +61,31 @@ class DraftBudget:
         self.rates: dict[str, list[float]] = {}  # by request
         # Each request's guesses in the step that computes its token `length` (verified or not), by request.
         self.guesses: dict[str, tuple[int, list[int]]] = {}
-        self.waited: dict[str, int] = {}  # steps since a request whose drafts do not pay last guessed
+        self.waited: dict[str, int] = {}  # steps since a request's last guess that was only checked
         self.costs = StepCosts()
+        self.guess_seconds: float | None = None  # what the proposer takes a guess, a moving average
 
     def limits(self, sequences: list[Sequence], limits: list[int]) -> list[int]:
-        """How many tokens to ask the proposer for: each request's limit, down to one past the drafts it could
-        verify if it were alone in paying for rows (its guesses past those would not be checked). A request none
-        of whose drafts would pay gets one guess every PROBE_INTERVAL steps, and none in between: guessing costs
-        too (Medusa's heads each read the model's head)."""
+        """How many tokens to ask the proposer for: each request's limit, down to the drafts it could verify if it
+        were alone in paying for rows and guesses (a guess costs too: each of Medusa's heads reads the model's
+        head), and one more every PROBE_INTERVAL steps, which is checked rather than verified: how an estimate
+        rises while nothing is verified, or grows past the drafts verified."""
         line = self.costs.line()
         if line is None:
             return limits
+        fixed, per_row = line
+        with_guess = (fixed, per_row + (self.guess_seconds or 0.0))
         tokens = rows = len(sequences)
         capped = []
         for sequence, limit in zip(sequences, limits):
             likelihood, affordable = 1.0, 0
             for rate in self._rates(sequence.request_id)[:limit]:
                 likelihood *= rate
-                if not _pays(likelihood, tokens, rows, line):
+                if not _pays(likelihood, tokens, rows, with_guess):
                     break
                 affordable += 1
-            waited = 0 if affordable else (self.waited.get(sequence.request_id, 0) + 1) % PROBE_INTERVAL
-            self.waited[sequence.request_id] = waited
-            capped.append(0 if waited else min(limit, affordable + 1))
+            waited = self.waited[sequence.request_id] = (self.waited.get(sequence.request_id, 0) + 1) % PROBE_INTERVAL
+            capped.append(min(limit, affordable + (waited == 0)))
         return capped
 
     def choose(self, sequences: list[Sequence]) -> int:
@@ -127,6 +129,12 @@ class DraftBudget:
             for position, held in enumerate(outcomes[:len(rates)]):
                 rates[position] += REQUEST_WEIGHT * (held - rates[position])
                 self.server_rates[position] += SERVER_WEIGHT * (held - self.server_rates[position])
+
+    def record_proposal(self, guesses: int, seconds: float) -> None:
+        """What the proposer took for a step's guesses."""
+        per_guess = seconds / guesses
+        previous = self.guess_seconds
+        self.guess_seconds = per_guess if previous is None else previous + STEP_WEIGHT * (per_guess - previous)
 
     def record_step(self, rows: int, seconds: float) -> None:
         """A decoding step's time (every request computing its next token and drafts, no prompt chunks)."""

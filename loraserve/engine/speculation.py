@@ -4,6 +4,7 @@ speculation), cut down to those worth verifying when a draft budget decides (dra
 states a proposer guesses from, and what the step showed of the drafts; when a request ends, what was kept."""
 import dataclasses
 import logging
+import time
 
 import torch
 
@@ -50,9 +51,15 @@ class Speculation:
                          item[0].request_id, exc_info=error)
             item[0].params = dataclasses.replace(item[0].params, speculative=False)
 
+        started = time.perf_counter()
         isolate(work, lambda group: self.proposer.propose([s for s, _ in group], [k for _, k in group]), undo,
                 stop_speculating)
-        return 0 if self.budget is None else self.budget.choose([sequence for sequence, _ in work])
+        if self.budget is None:
+            return 0
+        guesses = sum(len(sequence.draft_token_ids) for sequence, _ in work)
+        if guesses:
+            self.budget.record_proposal(guesses, time.perf_counter() - started)
+        return self.budget.choose([sequence for sequence, _ in work])
 
     def after_sampling(self, sequences: list[Sequence], results: list[Sampled], hidden: torch.Tensor) -> None:
         """Learn from the step how often drafts hold, and keep, for the sequences the proposer guesses from hidden
