@@ -24,6 +24,7 @@ def run_kernel(query_lens: list[int], seq_lens: list[int], num_kv_heads: int, gr
     (3, 3, 64, 16),  # the embedded model's heads
     (2, 4, 128, 16),
     (1, 8, 96, 8),
+    (1, 3, 64, 32),  # blocks of two 16-key runs, and a run cut short
 ])
 def test_decodes_and_drafts_equal_float64(num_kv_heads: int, group: int, head_dim: int, block_size: int) -> None:
     """Decodes of one-token to multi-block contexts, and sequences verifying drafts (queries of 3 and 5 rows,
