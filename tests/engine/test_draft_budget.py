@@ -117,7 +117,8 @@ class SwitchingProposer:
 
 
 def test_drafts_stop_being_verified_while_they_miss_and_come_back_when_they_hold(make_engine) -> None:
-    answers = {str(index): tokens for index, tokens in enumerate(make_engine().generate(PROMPTS[:3], GREEDY))}
+    """Three requests run to the end and a fourth is aborted on the way; nothing of any is kept after."""
+    answers = {str(index): tokens for index, tokens in enumerate(make_engine().generate(PROMPTS[:4], GREEDY))}
     engine: LLMEngine = make_engine(spec_tokens=3, spec_adaptive=True)
     costing(engine.speculation.budget)
     proposer = engine.speculation.proposer = SwitchingProposer(answers, switch=20)
@@ -134,11 +135,17 @@ def test_drafts_stop_being_verified_while_they_miss_and_come_back_when_they_hold
     for name, prompt in zip(answers, PROMPTS):
         engine.add_request(name, prompt, GREEDY)
     outputs: dict[str, list[int]] = {name: [] for name in answers}
-    while engine.has_unfinished_requests():
+    for step in itertools.count():
+        if step == 10:
+            engine.abort_request("3")
+        if not engine.has_unfinished_requests():
+            break
         for output in engine.step():
             outputs[output.request_id].extend(output.token_ids)
-    assert outputs == answers
-    for name, steps in verified.items():
+    assert 0 < len(outputs.pop("3")) < GREEDY.max_tokens
+    assert outputs == {name: answers[name] for name in outputs}
+    for name in outputs:
+        steps = verified[name]
         missing = [count for done, count in steps if 6 <= done < proposer.switch]
         holding = [count for done, count in steps if done >= proposer.switch + 8 and done < GREEDY.max_tokens - 4]
         assert missing and not any(missing), (name, steps)  # a few misses, and nothing more is verified
@@ -147,4 +154,5 @@ def test_drafts_stop_being_verified_while_they_miss_and_come_back_when_they_hold
         assert probes and set(probes) == {1} and len(probes) <= len(missing) // PROBE_INTERVAL + 1
         assert holding and all(holding), (name, steps)  # checked guesses held: verified again
     assert engine.metrics.spec_accepted_tokens._value.get() > 0
-    assert not engine.speculation.budget.rates and not engine.speculation.budget.guesses
+    budget = engine.speculation.budget
+    assert not budget.rates and not budget.guesses and not budget.waited
