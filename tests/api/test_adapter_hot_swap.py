@@ -1,6 +1,7 @@
-"""Adapters change under load: while 32 streams over 8 adapters run through 2 slots, one adapter gets a new
-version, one is deleted and one is added. Every request keeps the version it was submitted with to its last
-token, new requests see the change, and afterwards nothing is held."""
+"""Adapters change under load: while 34 streams over 8 adapters run through 2 slots (two long ones of the
+adapters about to change), one adapter gets a new version, one is deleted and one is added. Every request keeps
+the version it was submitted with to its last token, new requests see the change, and afterwards nothing is
+held."""
 import asyncio
 import json
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ NAMES = [f"swap-{index}" for index in range(8)]
 REPLACED, DELETED, ADDED = NAMES[0], NAMES[1], "swap-new"
 PROMPTS = ["the quick brown fox", "hello world, hello there", "paged attention caches keys", "the lazy dog"]
 NUM_TOKENS = 24
+LONG_TOKENS = 160  # the answers still running when the adapters change, however fast the machine
 Version = tuple[str, int]  # (adapter name, version number)
 
 
@@ -53,10 +55,10 @@ async def upload(client: httpx.AsyncClient, name: str, adapter_dir: Path) -> dic
     return response.json()
 
 
-async def stream_tokens(client: httpx.AsyncClient, name: str, prompt_index: int,
-                        submitted: asyncio.Event) -> list[int]:
+async def stream_tokens(client: httpx.AsyncClient, name: str, prompt_index: int, submitted: asyncio.Event,
+                        num_tokens: int) -> list[int]:
     """Token ids of one LoRAX stream; `submitted` is set once the server has accepted the request."""
-    body = generate_body(PROMPTS[prompt_index], name, NUM_TOKENS)
+    body = generate_body(PROMPTS[prompt_index], name, num_tokens)
     async with client.stream("POST", "/generate_stream", json=body) as response:
         assert response.status_code == 200, await response.aread()
         submitted.set()
@@ -66,11 +68,12 @@ async def stream_tokens(client: httpx.AsyncClient, name: str, prompt_index: int,
     return [event["token"]["id"] for event in events]
 
 
-async def run_streams(client: httpx.AsyncClient, requests: list[tuple[str, int]]) -> list[asyncio.Task]:
+async def run_streams(client: httpx.AsyncClient, requests: list[tuple[str, int]], num_tokens: int = NUM_TOKENS
+                      ) -> list[asyncio.Task]:
     """Start one stream per (adapter, prompt index); return once the server has accepted each (or it failed,
     which awaiting its task reports)."""
     events = [asyncio.Event() for _ in requests]
-    tasks = [asyncio.create_task(stream_tokens(client, name, index, event))
+    tasks = [asyncio.create_task(stream_tokens(client, name, index, event, num_tokens))
              for (name, index), event in zip(requests, events)]
     for event, task in zip(events, tasks):
         accepted = asyncio.create_task(event.wait())
@@ -83,9 +86,11 @@ async def hot_swap(url: str, saved: dict[Version, Path], expected: dict[Version,
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         for name in NAMES:
             assert (await upload(client, name, saved[name, 1]))["version"] == 1
+        long = [(REPLACED, 0), (DELETED, 0)]  # their first NUM_TOKENS tokens are the answers expected
+        long_tasks = await run_streams(client, long, LONG_TOKENS)
         first = [(name, index) for index in range(len(PROMPTS)) for name in NAMES]  # 32, interleaved
         first_tasks = await run_streams(client, first)
-        assert not all(task.done() for task in first_tasks)  # the changes below meet requests under way
+        assert not any(task.done() for task in long_tasks)  # the changes below meet requests under way
         assert (await upload(client, REPLACED, saved[REPLACED, 2]))["version"] == 2
         assert (await client.delete(f"/v1/adapters/{DELETED}", headers=ADMIN)).status_code == 200
         await upload(client, ADDED, saved[ADDED, 1])
@@ -95,6 +100,9 @@ async def hot_swap(url: str, saved: dict[Version, Path], expected: dict[Version,
         later_tasks = await run_streams(client, later)
         for (name, index), task in zip(first, first_tasks):
             assert await task == expected[name, 1][index], (name, index)
+        for (name, index), task in zip(long, long_tasks):
+            tokens = await task
+            assert len(tokens) == LONG_TOKENS and tokens[:NUM_TOKENS] == expected[name, 1][index], (name, index)
         for (name, index), task in zip(later, later_tasks):
             assert await task == expected[name, 2 if name == REPLACED else 1][index], (name, index)
 
