@@ -31,15 +31,20 @@ class StepCosts:
 
     seconds: dict[int, float] = field(default_factory=dict)
     samples: dict[int, int] = field(default_factory=dict)
+    fitted: tuple[float, float] | None = None  # the line, fitted once a step rather than at each use
 
     def record(self, rows: int, seconds: float) -> None:
         previous = self.seconds.get(rows)
         self.seconds[rows] = seconds if previous is None else previous + STEP_WEIGHT * (seconds - previous)
         self.samples[rows] = min(self.samples.get(rows, 0) + 1, MAX_STEP_SAMPLES)
+        self.fitted = self._fit()
 
     def line(self) -> tuple[float, float] | None:
         """(seconds of a step's fixed part, seconds per row), both at least 0; None until two row counts were
         seen."""
+        return self.fitted
+
+    def _fit(self) -> tuple[float, float] | None:
         if len(self.seconds) < 2:
             return None
         weights = {rows: float(self.samples[rows]) for rows in self.seconds}
